@@ -43,7 +43,7 @@ def trained(tmp_path_factory, sample_ds):
     from biovis.registry import ModelRegistry
     from biovis.workflow import train_and_register
     reg = ModelRegistry(tmp_path_factory.mktemp('registry'))
-    learn, ev, v = train_and_register(sample_ds, name='blood', epochs=4, registry=reg, progress=False, promote='always')
+    learn, ev, v = train_and_register(sample_ds, name='blood', epochs=8, registry=reg, progress=False, promote='always')
     return reg, learn, ev
 
 
