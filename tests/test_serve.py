@@ -143,7 +143,18 @@ def test_bad_feedback_is_4xx(server, cells):
     assert httpx.post(server.url + '/feedback', json=dict(label='basophil')).status_code == 422
     assert httpx.post(server.url + '/feedback', content=b'{broken', headers={'content-type': 'application/json'}).status_code == 400
     assert httpx.post(server.url + '/predict').status_code == 422
+    assert httpx.post(server.url + '/feedback', data=dict(label='basophil'),
+                      files=dict(file=('x.png', b'not an image', 'image/png'))).status_code == 400
     assert server.db_count('feedback') == n
+
+
+def test_feedback_with_the_image_instead_of_an_id(server, cells):
+    png, truth = cells[3]
+    n_p, n_f = server.db_count('predictions'), server.db_count('feedback')
+    r = httpx.post(server.url + '/feedback', data=dict(label=truth, note='from the lab system'),
+                   files=dict(file=('slide.png', png, 'image/png')))
+    assert r.status_code == 200 and r.json()['status'] == 'saved'
+    assert (server.db_count('predictions'), server.db_count('feedback')) == (n_p + 1, n_f + 1)
 
 
 def test_upload_over_the_size_limit(trained, tmp_path, cells):
