@@ -12,7 +12,10 @@ from pathlib import Path
 __all__ = ['EXIT_OK', 'EXIT_ERROR', 'EXIT_USAGE', 'EXIT_BAD_INPUT', 'EXIT_NOT_FOUND', 'EXIT_FETCH', 'cmd_quickstart', 'cmd_serve',
            'cmd_users_add', 'cmd_data_info', 'cmd_data_fetch', 'cmd_train', 'cmd_evaluate', 'cmd_predict',
            'cmd_models_list', 'cmd_models_show', 'cmd_models_promote', 'cmd_models_rollback', 'cmd_models_delete',
-           'cmd_benchmark', 'build_parser', 'main']
+           'cmd_benchmark', 'cmd_seg_train', 'cmd_seg_evaluate', 'cmd_seg_predict', 'cmd_seg_feedback_export',
+           'cmd_drift_check', 'cmd_drift_benchmark', 'cmd_dashboard', 'cmd_retrain', 'cmd_schedule', 'cmd_pipeline_run',
+           'cmd_pipeline_distributed', 'cmd_wandb_sync', 'cmd_report_runs', 'cmd_models_import', 'cmd_models_export',
+           'cmd_train_keras', 'cmd_evaluate_backend', 'build_parser', 'main']
 
 # %% ../nbs/08_cli.ipynb #90902b40
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXIT_FETCH = 0, 1, 2, 3, 4, 5
@@ -130,6 +133,310 @@ def cmd_benchmark(a):
     from biovis.benchmark import run_benchmark
     run_benchmark(data=a.data, out_dir=a.out, train_budget_s=a.budget, arch=a.arch, epochs=a.epochs, seeds=a.seeds)
 
+# %% ../nbs/08_cli.ipynb #c61cd69d
+# segmentation (issue 6): `train`, `evaluate`, `predict` and `benchmark` dispatch on the data or the model's task
+def _seg_task(a, name, ref) -> bool:
+    try: return _registry(a).metadata(name, ref).get('task') == 'segmentation'
+    except Exception: return False
+
+def _seg_data(src) -> bool:
+    if src is None: return False
+    if str(src) in ('crackforest', 'isbi2012'): return True
+    from biovis.segment import is_seg_folder
+    return is_seg_folder(src)
+
+def cmd_seg_train(a):
+    from biovis.segment import load_seg_dataset, train_and_register_seg
+    if a.data is None: raise ValueError('segmentation needs --data: a folder with image/ and masks/ (or label/), crackforest or isbi2012')
+    ds = load_seg_dataset(a.data); print(ds)
+    bs = a.bs if a.bs != 128 else 16      # the classification default is too large for full-resolution crops
+    learn, ev, v = train_and_register_seg(ds, name=a.name, registry=_registry(a), promote='always' if a.promote else 'if-better',
+                                          epochs=a.epochs, lr=a.lr if a.lr != 4e-3 else 3e-3, bs=bs, crop=a.size or 128,
+                                          scale=a.scale, width=a.width, seed=a.seed, budget_s=a.budget, progress=not a.quiet)
+    name = a.name or ds.name
+    m = ev.metrics
+    print(f'{name} {v}: test Dice {m["dice"]:.4f}, IoU {m["iou"]:.4f}, F1 {m["f1"]:.4f}, F1@{m["tol"]}px {m["f1_tol"]:.4f} (n={m["n"]})')
+    print(f'aliases: {json.dumps({k: x for k, x in _registry(a).aliases(name).items() if k != "history"})}')
+
+def cmd_seg_evaluate(a):
+    from biovis.segment import SegPredictor, load_seg_dataset, evaluate_seg
+    p = SegPredictor.from_registry(a.model, a.version, registry=_registry(a), device='cpu')
+    d = p.meta['dataset']
+    ds = load_seg_dataset(a.data or d.get('source'), invert=bool(p.meta.get('invert')))
+    ev = evaluate_seg(p, ds, a.split)
+    print(f'{a.model} {p.version} on {ds.name} [{a.split}] (dataset {ds.version[:12]}):')
+    for k, v in ev.summary().items(): print(f'  {k:<18} {v}')
+    if a.json: Path(a.json).write_text(json.dumps(ev.summary(), indent=2)); print(f'written {a.json}')
+
+def cmd_seg_predict(a):
+    from biovis.segment import SegPredictor
+    from biovis.data import InvalidImageError
+    from biovis.core import atomic_write
+    p = SegPredictor.from_registry(a.model, a.version, registry=_registry(a))
+    out = Path(a.out or 'masks'); bad = 0
+    for f in a.paths:
+        try: r = p.predict(f)
+        except InvalidImageError as e:
+            bad += 1; print(json.dumps(dict(file=f, error=str(e))) if a.json else f'{f}: ERROR {e}', file=sys.stdout if a.json else sys.stderr)
+            continue
+        dest = atomic_write(out/f'{Path(f).stem}_mask.png', r.png())
+        if a.json: print(json.dumps(dict(file=f, mask=str(dest), **r.to_dict())))
+        else: print(f'{f}: mask {dest} {r.shape[1]}x{r.shape[0]}, foreground {r.fg_fraction:.4f}  [{r.model} {r.version}]')
+    if bad: return EXIT_BAD_INPUT
+
+def cmd_seg_feedback_export(a):
+    from biovis.feedback import FeedbackStore
+    from biovis.segment_serve import export_mask_feedback
+    d = export_mask_feedback(FeedbackStore(), a.dest, model=a.model)
+    n = len(list((d/'masks').glob('*.png')))
+    print(f'{n} image(s) with corrected masks written to {d} (train on them: biovis train --data {d})')
+
+def _add_seg_parsers(sub):
+    "Segmentation options on `train`, `evaluate`, `predict` and `benchmark`, whose commands then dispatch on the task."
+    ch = sub.action.choices
+    t = ch['train']
+    t.add_argument('--task', choices=['classification', 'segmentation'], default=None,
+                   help='default: segmentation for a folder of image/ + masks/ pairs (or crackforest, isbi2012), else classification')
+    t.add_argument('--scale', type=float, default=1.0, help='segmentation: resize images by this factor (1 = full resolution)')
+    t.add_argument('--width', type=int, default=16, help='segmentation: U-Net channels at full resolution')
+    t.add_argument('--budget', type=float, default=None, help='segmentation: stop training after this many seconds')
+    t.set_defaults(fn=lambda a: cmd_seg_train(a) if a.task == 'segmentation' or (a.task is None and _seg_data(a.data)) else cmd_train(a))
+    ch['evaluate'].set_defaults(fn=lambda a: cmd_seg_evaluate(a) if _seg_task(a, a.model, a.version) else cmd_evaluate(a))
+    pr = ch['predict']
+    pr.add_argument('--out', default=None, help='segmentation models: folder for the mask PNGs (default: ./masks)')
+    pr.set_defaults(fn=lambda a: cmd_seg_predict(a) if _seg_task(a, a.model, a.version) else cmd_predict(a))
+    b = ch['benchmark']
+    b.add_argument('--segmentation', action='store_true', help='CrackForest and ISBI 2012 segmentation (reports/benchmarks/segmentation.json)')
+    b.add_argument('--seg-budget', type=float, default=780, help='with --segmentation: CrackForest training budget in seconds')
+    def _bench(a):
+        if not a.segmentation: return cmd_benchmark(a)
+        from biovis.segment import run_seg_benchmark
+        run_seg_benchmark(out_dir=a.out, cf_budget_s=a.seg_budget)
+    b.set_defaults(fn=_bench)
+    sf = sub.add_parser('segment-feedback', help='export the corrected masks of the feedback store as image/ + masks/ for retraining')
+    sf.add_argument('dest', help='output folder'); sf.add_argument('--model', default=None, help='only this model\'s predictions')
+    sf.set_defaults(fn=cmd_seg_feedback_export)
+
+# %% ../nbs/08_cli.ipynb #f6d35d56
+def cmd_drift_check(a):
+    from biovis.drift import drift_check
+    r = drift_check(a.model, ref=a.version, window=None if a.since else a.window, since=a.since, registry=_registry(a), out_dir=a.out,
+                    record=not a.no_record, alpha=a.alpha)
+    if a.json: print(json.dumps(r, indent=2)); return
+    print(f"{r['model']} {r['version']}: {r['n']} predictions ({r['window']['first']} .. {r['window']['last']}) "
+          f"vs the reference ({r['reference']['n']} {r['reference']['split']} images)")
+    for k, p in r['p_values'].items(): print(f"  {k:<24} p = {p:.3g}{'  < ' + format(r['threshold'], '.4g') + '  DRIFT' if k in r['flagged'] else ''}")
+    print(f"{'DRIFT DETECTED' if r['detected'] else 'no drift detected'} (alpha {r['alpha']}, per-test threshold {r['threshold']:.4g})")
+    print(f"report: {r['path']}" + (f"; recorded as drift event {r['event_id']}" if 'event_id' in r else ''))
+
+def cmd_drift_benchmark(a):
+    from biovis.drift import drift_benchmark
+    drift_benchmark(data=a.data, out_dir=a.out, epochs=a.epochs, n_windows=a.windows, n_shift_windows=a.shift_windows)
+
+def cmd_dashboard(a):
+    from biovis.dashboard import serve_dashboard
+    if a.models_dir: os.environ['BIOVIS_MODELS'] = str(a.models_dir)
+    serve_dashboard(a.host, a.port, auth=True if a.auth else None, refresh_s=a.refresh)
+
+def _add_drift_parsers(sub):
+    dr = sub.add_parser('drift', help='drift of recent predictions against the model\'s reference').add_subparsers(dest='sub', metavar='SUBCOMMAND', required=True)
+    dc = dr.add_parser('check', help='test the recent predictions; print and write a JSON report; record it in the store')
+    dc.add_argument('--model', default=None, help='model name (default: the only registered one)')
+    dc.add_argument('--version', default='production', help='version or alias whose predictions are checked')
+    w = dc.add_mutually_exclusive_group()
+    w.add_argument('--window', type=int, default=200, help='the last N predictions (default 200)')
+    w.add_argument('--since', default=None, help='the predictions since this ISO 8601 time')
+    dc.add_argument('--alpha', type=float, default=0.05, help='false-positive rate of a check (Bonferroni over the 4 tests)')
+    dc.add_argument('--out', default=None, help='report folder (default: reports/drift)')
+    dc.add_argument('--no-record', action='store_true', help='do not record the check in the feedback store')
+    dc.add_argument('--json', action='store_true', help='print the whole report as JSON'); dc.set_defaults(fn=cmd_drift_check)
+    db = dr.add_parser('benchmark', help='false-positive and detection rates on BloodMNIST into reports/benchmarks/drift.json')
+    db.add_argument('--data', default=None, help='BloodMNIST .npz (default: under $BIOVIS_DATA)')
+    db.add_argument('--out', default=None, help='output folder (default: reports/benchmarks)')
+    db.add_argument('--epochs', type=int, default=3); db.add_argument('--windows', type=int, default=200, help='in-distribution windows')
+    db.add_argument('--shift-windows', type=int, default=50, help='windows per shift'); db.set_defaults(fn=cmd_drift_benchmark)
+    ds = sub.add_parser('dashboard', help='the Panel dashboard: drift, feedback, model versions')
+    ds.add_argument('--host', default='127.0.0.1'); ds.add_argument('--port', type=int, default=5006)
+    ds.add_argument('--auth', action='store_true', help='require an admin login (users from `biovis users add`; or BIOVIS_AUTH=1)')
+    ds.add_argument('--refresh', type=float, default=30, help='seconds between refreshes'); ds.set_defaults(fn=cmd_dashboard)
+
+# %% ../nbs/08_cli.ipynb #2f3b9389
+# scheduled retraining (issue 4): `retrain`, `schedule`, `pipeline run`, `wandb sync`, `report runs`
+def _retrain_kw(a) -> dict:
+    from biovis.feedback import FeedbackStore
+    return dict(name=a.name, data=a.data, store=FeedbackStore(), registry=_registry(a), threshold=a.threshold, force=a.force,
+                margin=a.margin, metric=a.metric, epochs=a.epochs, arch=a.arch, seed=a.seed, tta=not a.no_tta,
+                notebook=a.notebook, wait=a.wait if a.wait is None or a.wait > 0 else True)
+
+def cmd_retrain(a):
+    from biovis.pipeline import retrain
+    kw = _retrain_kw(a)
+    if kw['wait'] is None: kw['wait'] = False
+    r = retrain(dry_run=a.dry_run, say=(lambda m: None) if a.json else print, **kw)
+    if a.json: print(json.dumps({k: v for k, v in r.items()}, indent=2, default=str)); return
+    if r['status'] == 'done':
+        print(f"run: {r['run_dir']}\n  notebook {Path(r['run_dir'])/'retrain.ipynb'}\n  report   {Path(r['run_dir'])/'retrain.html'}")
+        print(f"aliases: {json.dumps(r['aliases'])}")
+
+def cmd_schedule(a):
+    from biovis.pipeline import schedule
+    kw = _retrain_kw(a)
+    if kw['wait'] is None: kw['wait'] = True          # a scheduled check waits for a retrain started by hand
+    print(f"checking {'on cron ' + repr(a.cron) if a.cron else 'every ' + a.every}; decisions in reports/runs/schedule.log (Ctrl-C stops)", flush=True)
+    for r in schedule(every=a.every, cron=a.cron, max_runs=a.max_runs, **kw): pass
+
+def cmd_pipeline_run(a):
+    from biovis.pipeline import run_pipeline
+    params = {}
+    for kv in a.param or []:
+        k, sep, v = kv.partition('=')
+        if not sep: raise ValueError(f'-p {kv!r}: use NAME=VALUE')
+        try: params[k] = json.loads(v)
+        except ValueError: params[k] = v
+    r = run_pipeline(a.notebook, params)
+    print(f"run: {r['run_dir']}"); 
+    if 'version' in r: print(f"{r['name']} {r['version']}: {'promoted' if r['promoted'] else 'candidate'}: {r['reason']}")
+
+def cmd_pipeline_distributed(a):
+    from biovis.pipeline import train_distributed
+    train_distributed(a.data, epochs=a.epochs, arch=a.arch, seed=a.seed, bs=a.bs, name=a.name, register=a.register, out_dir=a.out)
+
+def cmd_wandb_sync(a):
+    from biovis.tracking import sync_runs
+    runs = sync_runs(a.dir, dry_run=a.dry_run)
+    print(f"{len(runs)} offline run(s) {'to sync' if a.dry_run else 'synced'}" + ''.join(f'\n  {r}' for r in runs))
+
+def cmd_report_runs(a):
+    from biovis.pipeline import compare_runs
+    print(f'comparison of the last runs: {compare_runs(a.last)}')
+
+def _add_pipeline_parsers(sub):
+    def retrain_opts(r):
+        r.add_argument('--name', default=None, help='model name (default: the only registered one)')
+        r.add_argument('--data', default=None, help='base data (default: the base data of the production model)')
+        r.add_argument('--threshold', type=int, default=None, help='new feedback needed (default: $BIOVIS_FB_THRESH or 100)')
+        r.add_argument('--force', action='store_true', help='retrain whatever the feedback count and drift')
+        r.add_argument('--margin', type=float, default=0.01, help='promote when candidate >= production - margin on the holdout')
+        r.add_argument('--metric', default='accuracy'); r.add_argument('--epochs', type=int, default=3)
+        r.add_argument('--arch', default=None, help="architecture (default: production's)"); r.add_argument('--seed', type=int, default=42)
+        r.add_argument('--no-tta', action='store_true', help='evaluate without test-time augmentation')
+        r.add_argument('--notebook', default=None, help='pipeline notebook to run (default: nbs/pipelines/retrain.ipynb)')
+        r.add_argument('--wait', type=float, nargs='?', const=0, default=None, help='wait for a running retrain (up to N s) instead of refusing')
+    rt = sub.add_parser('retrain', help='retrain from feedback when due (FB_THRESH, drift or --force); promote if not worse')
+    retrain_opts(rt); rt.add_argument('--dry-run', action='store_true', help='only print the decision')
+    rt.add_argument('--json', action='store_true'); rt.set_defaults(fn=cmd_retrain)
+    sc = sub.add_parser('schedule', help='run the retrain check in a long-lived process: --every 24h or --cron "0 3 * * *"')
+    retrain_opts(sc); g = sc.add_mutually_exclusive_group()
+    g.add_argument('--every', default='24h', help='interval: 24h, 30m, 45s, 2d'); g.add_argument('--cron', default=None, help='cron expression')
+    sc.add_argument('--max-runs', type=int, default=None, help='stop after N checks'); sc.set_defaults(fn=cmd_schedule)
+    pl = sub.add_parser('pipeline', help='parameterised pipeline notebooks (papermill)').add_subparsers(dest='sub', metavar='SUBCOMMAND', required=True)
+    pr = pl.add_parser('run', help='run nbs/pipelines/NOTEBOOK.ipynb into reports/runs/<run-id>/')
+    pr.add_argument('notebook', help='train, retrain or a path to a notebook')
+    pr.add_argument('-p', '--param', action='append', metavar='NAME=VALUE', help='a parameter (JSON value or string); repeatable')
+    pr.set_defaults(fn=cmd_pipeline_run)
+    pd_ = pl.add_parser('distributed', help='data-parallel training; start it with torchrun / accelerate launch (see the pipeline notebook)')
+    pd_.add_argument('--data', default=None, help='data source (default: the shipped sample)'); pd_.add_argument('--name', default=None)
+    pd_.add_argument('--epochs', type=int, default=2); pd_.add_argument('--arch', default='cnn_small')
+    pd_.add_argument('--seed', type=int, default=42); pd_.add_argument('--bs', type=int, default=64, help='batch size per process')
+    pd_.add_argument('--register', action='store_true', help='rank 0 registers the model as a candidate')
+    pd_.add_argument('--out', default=None, help='write distributed.json here (rank 0)'); pd_.set_defaults(fn=cmd_pipeline_distributed)
+    wb = sub.add_parser('wandb', help='Weights & Biases').add_subparsers(dest='sub', metavar='SUBCOMMAND', required=True)
+    ws = wb.add_parser('sync', help='upload the offline runs under reports/wandb (needs a W&B key)')
+    ws.add_argument('--dir', default=None); ws.add_argument('--dry-run', action='store_true', help='only list them'); ws.set_defaults(fn=cmd_wandb_sync)
+    rp = sub.add_parser('report', help='reports').add_subparsers(dest='sub', metavar='SUBCOMMAND', required=True)
+    rr = rp.add_parser('runs', help='compare the last pipeline runs (Plotly) into reports/runs/compare.html')
+    rr.add_argument('--last', type=int, default=5); rr.set_defaults(fn=cmd_report_runs)
+
+# %% ../nbs/08_cli.ipynb #7e1a5c0d
+# Keras backend and ONNX export (issue 7): `models import`, `models export --onnx`, `train --backend keras`, `benchmark --keras`
+def cmd_models_import(a):
+    from biovis.keras_backend import import_keras_model
+    reg = _registry(a)
+    v = import_keras_model(a.path, a.name, a.classes, a.input_size, channels=a.channels, preprocess=a.preprocess,
+                           registry=reg, alias='candidate' if a.candidate else 'production', description=a.description)
+    m = reg.metadata(a.name, v)
+    print(f'{a.name} {v}: Keras model {m["arch"]}, {len(m["classes"])} classes, input {m["input_size"][0]}x{m["input_size"][1]}x{m["channels"]}, '
+          f'preprocess {m["preprocess"]}; {"candidate" if a.candidate else "production"}')
+
+def cmd_models_export(a):
+    if not a.onnx: print('biovis models export: choose a format: --onnx', file=sys.stderr); return EXIT_USAGE
+    from biovis.onnx_backend import register_onnx
+    dest, v, f = register_onnx(a.name, a.version, dest=a.dest, registry=_registry(a), out=a.out)
+    print(f'{a.name} {a.version} exported to ONNX: registered as {dest} {v} (backend onnx, production); file {a.out or f}')
+
+def cmd_train_keras(a):
+    from biovis.data import load_dataset
+    from biovis.keras_backend import train_and_register_keras
+    ds = load_dataset(a.data); print(ds)
+    arch = 'cnn_small' if a.arch in (None, 'cnn_small') else a.arch
+    model, ev, v = train_and_register_keras(ds, name=a.name, arch=arch, registry=_registry(a), promote='always' if a.promote else 'if-better',
+                                            tta=not a.no_tta, epochs=a.epochs, lr=a.lr or 3e-3, bs=a.bs, seed=a.seed, budget_s=a.budget,
+                                            progress=not a.quiet, track=a.track)
+    name = a.name or ds.name.replace('_sample', '') + '-keras'
+    print(f'{name} {v}: test accuracy {ev.metrics["accuracy"]:.4f}, AUC {ev.metrics["auc"]:.4f}, macro F1 {ev.metrics["macro_f1"]:.4f}')
+
+def _backend(a, name, ref) -> str:
+    try: return _registry(a).metadata(name, ref).get('backend', 'fastai')
+    except Exception: return 'fastai'
+
+def cmd_evaluate_backend(a):
+    "`evaluate` for Keras and ONNX models: their Predictor's probabilities into `biovis.evaluate`."
+    import numpy as np
+    from biovis.data import load_dataset
+    from biovis.evaluate import Evaluation, classification_metrics
+    from biovis.inference import Predictor
+    p = Predictor.from_registry(a.model, a.version, registry=_registry(a), tta=a.tta)
+    meta = p.meta
+    src = a.data or meta.get('dataset', {}).get('source')
+    if not src: raise ValueError(f'{a.model} was not trained here: pass --data with labelled images of its classes')
+    ds = load_dataset(src)
+    if ds.classes != p.classes: raise ValueError(f'data set classes {ds.classes} differ from the model\'s {p.classes}')
+    if a.split in meta.get('dataset', {}).get('train_splits', []): raise ValueError(f'refusing to evaluate on {a.split!r}: the model was trained on it')
+    x, y = ds.tensors(a.split, p.size, p.channels)
+    probs = np.concatenate([p.features(x[i:i + 1024], reduce=False)[0] for i in range(0, len(x), 1024)])
+    ev = Evaluation(classification_metrics(y, probs, ds.classes), list(ds.classes), y, probs, a.split, a.tta, ds.version)
+    print(f'{a.model} {meta["version"]} ({meta.get("backend")}) on {ds.name} [{a.split}] (dataset {ds.version[:12]}):')
+    for k, v in ev.summary().items(): print(f'  {k:<18} {v}')
+    print(ev.per_class.round(4).to_string(index=False))
+    if a.json: Path(a.json).write_text(json.dumps(ev.summary(), indent=2)); print(f'written {a.json}')
+
+def _add_keras_parsers(sub):
+    "`models import` and `models export` on the `models` command; `--backend keras` on `train`; `--keras` on `benchmark`."
+    ch = sub.action.choices
+    mact = next(x for x in ch['models']._actions if isinstance(x, argparse._SubParsersAction))
+    m = _Sub(mact, sub.common)
+    mi = m.add_parser('import', help='register an existing Keras classifier (.h5 / .keras), checked against its class list')
+    mi.add_argument('path', help='the .h5 or .keras file'); mi.add_argument('--name', required=True, help='model name in the registry')
+    mi.add_argument('--classes', required=True, help='class names in the order of the model outputs, comma-separated')
+    mi.add_argument('--input-size', type=int, default=None, help='image side in px (default: from the model)')
+    mi.add_argument('--channels', type=int, default=None, choices=[1, 3], help='default: from the model')
+    mi.add_argument('--preprocess', default='scale', choices=['scale', 'none', 'tf', 'imagenet'],
+                    help='what the model expects: scale = x/255, none = 0..255, tf = x/127.5-1, imagenet = ImageNet mean/std')
+    mi.add_argument('--description', default='', help='for the model card')
+    mi.add_argument('--candidate', action='store_true', help='register as candidate instead of production')
+    mi.set_defaults(fn=cmd_models_import)
+    me = m.add_parser('export', help='export a fastai model (to ONNX, served by ONNX Runtime as backend onnx)')
+    me.add_argument('name'); me.add_argument('version', nargs='?', default='production')
+    me.add_argument('--onnx', action='store_true', help='ONNX, registered as NAME-onnx')
+    me.add_argument('--dest', default=None, help='registry name of the export (default: NAME-onnx)')
+    me.add_argument('--out', default=None, help='also copy the .onnx file here')
+    me.set_defaults(fn=cmd_models_export)
+    t = ch['train']; train_fn = t.get_default('fn')
+    t.add_argument('--backend', choices=['fastai', 'keras'], default='fastai', help='keras: a Keras cnn_small or mobilenetv2 (--arch), --budget in seconds')
+    t.add_argument('--track', action='store_true', help='with --backend keras: log the run to W&B (offline by default)')
+    t.set_defaults(fn=lambda a: cmd_train_keras(a) if a.backend == 'keras' else train_fn(a))
+    e = ch['evaluate']; eval_fn = e.get_default('fn')
+    e.set_defaults(fn=lambda a: cmd_evaluate_backend(a) if _backend(a, a.model, a.version) in ('keras', 'onnx') else eval_fn(a))
+    b = ch['benchmark']; bench_fn = b.get_default('fn')
+    b.add_argument('--keras', action='store_true', help='Keras vs fastai with one time budget, ONNX Runtime vs PyTorch latency (reports/benchmarks/keras.json)')
+    b.add_argument('--keras-budget', type=float, default=150, help='with --keras: training seconds for each model')
+    b.add_argument('--keras-arch', default='cnn_small', choices=['cnn_small', 'mobilenetv2'], help='with --keras: the Keras network')
+    def _bench(a):
+        if not a.keras: return bench_fn(a)
+        from biovis.keras_backend import keras_benchmark
+        keras_benchmark(data=a.data, out_dir=a.out, budget_s=a.keras_budget, keras_arch=a.keras_arch)
+    b.set_defaults(fn=_bench)
+
 # %% ../nbs/08_cli.ipynb #d1aa49f2
 class _Sub:
     "Wraps an argparse sub-parsers action so that every leaf parser gets the `common` options."
@@ -225,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument('--serving', action='store_true', help='benchmark the demo server instead (reports/benchmarks/serving.json)')
     b.add_argument('--model', default=None, help='with --serving: the registered model to serve (default: the first)')
     b.set_defaults(fn=cmd_benchmark)
+    _add_seg_parsers(sub)
+    _add_drift_parsers(sub)
+    _add_pipeline_parsers(sub)
+    _add_keras_parsers(sub)
     return p
 
 # %% ../nbs/08_cli.ipynb #38ec7a63

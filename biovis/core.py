@@ -27,6 +27,10 @@ class Settings:
     models_dir: Path
     reports_dir: Path
     seed: int = 42
+    fb_thresh: int = 100                  # new feedback rows that trigger a retrain
+    wandb_project: str = 'biovis'
+    wandb_entity: str | None = None
+    wandb_mode: str = 'offline'           # 'online' when a W&B API key is configured
 
     def as_dict(self): return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
@@ -37,7 +41,11 @@ def get_settings(**overrides) -> Settings:
     kw = dict(home=home, data_root=Path(data).expanduser() if data else None,
               models_dir=_env_path('BIOVIS_MODELS', home/'models'),
               reports_dir=_env_path('BIOVIS_REPORTS', home/'reports'),
-              seed=int(os.environ.get('BIOVIS_SEED', 42)))
+              seed=int(os.environ.get('BIOVIS_SEED', 42)),
+              fb_thresh=int(os.environ.get('BIOVIS_FB_THRESH', 100)),
+              wandb_project=os.environ.get('BIOVIS_WANDB_PROJECT') or os.environ.get('WANDB_PROJECT') or 'biovis',
+              wandb_entity=os.environ.get('BIOVIS_WANDB_ENTITY') or os.environ.get('WANDB_ENTITY') or None,
+              wandb_mode=os.environ.get('BIOVIS_WANDB_MODE') or os.environ.get('WANDB_MODE') or ('online' if os.environ.get('WANDB_API_KEY') else 'offline'))
     kw.update(overrides)
     return Settings(**kw)
 

@@ -5,11 +5,11 @@
 
 # %% ../nbs/10_feedback.ipynb #365c7285
 from __future__ import annotations
-import math, os, random, re, time, uuid
+import contextlib, math, os, random, re, threading, time, uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import (JSON, insert, CheckConstraint, DateTime, Float, ForeignKey, Integer, String, Text, create_engine,
+from sqlalchemy import (JSON, Boolean, insert, CheckConstraint, DateTime, Float, ForeignKey, Integer, String, Text, create_engine,
                         delete, event, func, select, text)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -24,7 +24,7 @@ from .data import InvalidImageError, MAX_BYTES
 __all__ = ['ROLES', 'MAX_LABEL', 'MAX_NOTE', 'MAX_FILENAME', 'MAX_EMBEDDING', 'MAX_CLASSES', 'MIN_PASSWORD', 'BUSY_TIMEOUT_MS',
            'GC_MIN_AGE', 'UPLOAD_EXTS', 'FeedbackError', 'UnknownPredictionError', 'FeedbackPermissionError',
            'image_format', 'Base', 'PredictionRecord', 'FeedbackRecord', 'UserRecord', 'default_db_url',
-           'FeedbackStore']
+           'FeedbackStore', 'MaskFeedbackRecord', 'DriftEventRecord']
 
 # %% ../nbs/10_feedback.ipynb #d8b94f1f
 class FeedbackError(ValueError):
@@ -168,6 +168,9 @@ class FeedbackStore:
         self.uploads_dir = Path(uploads_dir or get_settings().home/'data'/'uploads')
         self.log = get_logger('feedback')
         self._engine, self._pid = _make_engine(self.url), os.getpid()
+        # one writer at a time in this process (threads queue here, not in SQLite's sleeping busy handler);
+        # predictions waiting for it are committed together (see `log_prediction`)
+        self._write_lock, self._pending, self._pending_lock = threading.RLock(), [], threading.Lock()
         self._init_schema()
 
     def __repr__(self):
@@ -191,6 +194,10 @@ class FeedbackStore:
     def _run(self, fn, write: bool = True, tries: int = 6, durable: bool = True):
         "Run `fn(session)` in one transaction (BEGIN IMMEDIATE when `write`) and commit; retry transient lock errors."
         eng = self.engine.execution_options(biovis_write=True, biovis_lazy_sync=not durable) if write else self.engine
+        with self._write_lock if write and self.is_sqlite else contextlib.nullcontext():
+            return self._run_tries(fn, eng, tries)
+
+    def _run_tries(self, fn, eng, tries):
         for i in range(tries):
             try:
                 with Session(eng, expire_on_commit=False) as s, s.begin():
@@ -292,18 +299,37 @@ def log_prediction(self: FeedbackStore, model: str, version: str, image_sha: str
     model, version = _text(model, 'model', 200), _text(str(version), 'model version', 64)
     sha, label, probs = _check_sha(image_sha), _text(label, 'label', MAX_LABEL), _check_probs(probs)
     if label not in probs: raise FeedbackError(f'label {label!r} is not one of the classes in probs ({", ".join(probs)})')
-    rec = dict(model=model, model_version=version, image_sha=sha, label=label, probs=probs, user=_opt_user(user),
+    rec = dict(model=model, model_version=version, image_sha=sha, label=label, probs=probs, username=_opt_user(user),   # column names
                embedding=_check_embedding(embedding),
                latency_ms=None if latency_ms is None else _finite(latency_ms, 'latency_ms'),
                filename=None if filename is None else str(filename).replace('\x00', '\ufffd')[:MAX_FILENAME])
-    pid = uuid.uuid4().hex
+    rec.update(id=uuid.uuid4().hex, created=_utcnow())
+    slot = dict(rec=rec, done=False, err=None)
+    with self._pending_lock: self._pending.append(slot)
+    with self._write_lock:          # group commit: the first caller in writes every row waiting by then
+        if not slot['done']:
+            with self._pending_lock: batch, self._pending = self._pending, []
+            try: errs = self._insert_predictions([x['rec'] for x in batch])
+            except Exception as e: errs = [e] * len(batch)
+            for x, e in zip(batch, errs): x['err'], x['done'] = e, True
+    if slot['err'] is not None: raise slot['err']
+    return rec['id']
+
+@patch
+def _insert_predictions(self: FeedbackStore, rows: list) -> list:
+    "Insert prediction rows in one write transaction; returns an error or None per row (a row whose image is not stored is refused alone)."
+    errs = [None] * len(rows)
     def tx(s):
-        self._image_lock(s, sha)
-        if self.image_path(sha) is None: raise FeedbackError(f'image {sha[:12]}... is not stored; save it with save_image first')
-        # a Core INSERT: the same row as the ORM would write, without the unit-of-work overhead on the hot path
-        s.execute(insert(PredictionRecord).values(id=pid, created=_utcnow(), **rec))
+        ok = []
+        for i, r in enumerate(rows):
+            self._image_lock(s, r['image_sha'])
+            if self.image_path(r['image_sha']) is None:
+                errs[i] = FeedbackError(f"image {r['image_sha'][:12]}... is not stored; save it with save_image first")
+            else: errs[i] = None; ok.append(r)
+        # one Core executemany of the table's cached INSERT: no ORM bulk machinery on the hot path
+        if ok: s.connection().execute(PredictionRecord.__table__.insert(), ok)
     self._run(tx, durable=False)    # synced to disk by the next feedback commit (or checkpoint): see below
-    return pid
+    return errs
 
 # %% ../nbs/10_feedback.ipynb #f9aef63a
 @patch
@@ -455,6 +481,46 @@ def role_of(self: FeedbackStore, username: str | None) -> str | None:
     if not isinstance(username, str): return None
     return self._run(lambda s: s.scalar(select(UserRecord.role).where(UserRecord.username == username)), write=False)
 
+# %% ../nbs/10_feedback.ipynb #3111b048
+class MaskFeedbackRecord(Base):
+    "A corrected mask for a segmentation prediction: the mask image (by hash), a note, who gave it and when."
+    __tablename__ = 'mask_feedback'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prediction_id: Mapped[str] = mapped_column(String(32), ForeignKey('predictions.id', ondelete='CASCADE'), index=True)
+    mask_sha: Mapped[str] = mapped_column(String(64), index=True)
+    note: Mapped[str] = mapped_column(Text, default='')
+    user: Mapped[str | None] = mapped_column('username', String(128), nullable=True)
+    created: Mapped[datetime] = mapped_column(_UTCDateTime, default=_utcnow, index=True)
+
+@patch
+def add_mask_feedback(self: FeedbackStore, prediction_id: str, mask_png: bytes, note: str = '', user: str | None = None) -> int:
+    "Store a corrected mask (PNG bytes, already checked against its image) for prediction `prediction_id`; returns the row id."
+    if not isinstance(prediction_id, str) or not prediction_id or len(prediction_id) > 64:
+        raise UnknownPredictionError(f'no prediction with id {str(prediction_id)[:80]!r}')
+    note, user = _text(note or '', 'note', MAX_NOTE, empty=True), _opt_user(user)
+    if not isinstance(mask_png, (bytes, bytearray)) or image_format(mask_png) != 'png':
+        raise InvalidImageError('a corrected mask must be a PNG image')
+    sha = self.save_image(bytes(mask_png))
+    def tx(s):
+        if s.get(PredictionRecord, prediction_id) is None: raise UnknownPredictionError(f'no prediction with id {prediction_id!r}')
+        r = MaskFeedbackRecord(prediction_id=prediction_id, mask_sha=sha, note=note, user=user, created=_utcnow())
+        s.add(r); s.flush()
+        return r.id
+    return self._run(tx)
+
+@patch
+def mask_feedback_rows(self: FeedbackStore, since=None, model: str | None = None) -> list:
+    "Corrected masks joined with their predictions, oldest first: the image + mask pairs for retraining."
+    q = (select(MaskFeedbackRecord, PredictionRecord).join(PredictionRecord, MaskFeedbackRecord.prediction_id == PredictionRecord.id)
+         .order_by(MaskFeedbackRecord.created, MaskFeedbackRecord.id))
+    if since is not None: q = q.where(MaskFeedbackRecord.created >= _as_utc(since))
+    if model is not None: q = q.where(PredictionRecord.model == model)
+    def tx(s):
+        return [dict(id=m.id, prediction_id=p.id, image_sha=p.image_sha, mask_sha=m.mask_sha, model=p.model,
+                     model_version=p.model_version, filename=p.filename, note=m.note, user=m.user, created=_iso(m.created))
+                for m, p in s.execute(q)]
+    return self._run(tx, write=False)
+
 # %% ../nbs/10_feedback.ipynb #5b357ed8
 @patch
 def gc_images(self: FeedbackStore, min_age: float = GC_MIN_AGE) -> int:
@@ -474,6 +540,7 @@ def gc_images(self: FeedbackStore, min_age: float = GC_MIN_AGE) -> int:
         for i in range(0, len(shas), 500):
             chunk = shas[i:i + 500]
             used = set(s.scalars(select(PredictionRecord.image_sha).where(PredictionRecord.image_sha.in_(chunk)).distinct()))
+            used |= set(s.scalars(select(MaskFeedbackRecord.mask_sha).where(MaskFeedbackRecord.mask_sha.in_(chunk))))   # corrected masks
             for sha in chunk:
                 if sha in used: continue
                 for p in cand[sha]:
@@ -493,3 +560,47 @@ def check(self: FeedbackStore) -> dict:
     r = self._run(tx, write=False)
     r['missing_images'] = sorted(sha for sha in r.pop('shas') if self.image_path(sha) is None)
     return r
+
+# %% ../nbs/10_feedback.ipynb #bdaf82d4
+class DriftEventRecord(Base):
+    "One drift check of a model version: detected or not, and its report (p-values of each test)."
+    __tablename__ = 'drift_events'
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created: Mapped[datetime] = mapped_column(_UTCDateTime, default=_utcnow, index=True)
+    model: Mapped[str] = mapped_column(String(200), index=True)
+    model_version: Mapped[str] = mapped_column(String(64))
+    detected: Mapped[bool] = mapped_column(Boolean, default=False)
+    report: Mapped[dict] = mapped_column(JSON)
+
+def _drift_dict(r: DriftEventRecord) -> dict:
+    return dict(id=r.id, created=_iso(r.created), model=r.model, version=r.model_version, detected=r.detected, report=r.report)
+
+@patch
+def record_drift(self: FeedbackStore, model: str, version: str, detected: bool, report: dict) -> int:
+    "Record a drift check of `model` `version` (its JSON-ready `report`); returns the event id."
+    model, version = _text(model, 'model', 200), _text(str(version), 'model version', 64)
+    if not isinstance(report, dict): raise FeedbackError(f'report must be a dict, not {type(report).__name__}')
+    import json as _json
+    try: report = _json.loads(_json.dumps(report, allow_nan=False))
+    except (TypeError, ValueError) as e: raise FeedbackError(f'report is not JSON: {e}') from None
+    def tx(s):
+        r = DriftEventRecord(model=model, model_version=version, detected=bool(detected), report=report, created=_utcnow())
+        s.add(r); s.flush(); return r.id
+    return self._run(tx)
+
+@patch
+def drift_events(self: FeedbackStore, model: str | None = None, since=None, detected: bool | None = None,
+                 limit: int | None = None) -> list:
+    "Drift checks (of `model`, since `since`, detected or not), oldest first; with `limit`, the newest `limit`."
+    q = select(DriftEventRecord)
+    if model is not None: q = q.where(DriftEventRecord.model == model)
+    if since is not None: q = q.where(DriftEventRecord.created >= _as_utc(since))
+    if detected is not None: q = q.where(DriftEventRecord.detected == bool(detected))
+    q = q.order_by(DriftEventRecord.created.desc(), DriftEventRecord.id.desc())
+    if limit is not None: q = q.limit(max(0, int(limit)))
+    return self._run(lambda s: [_drift_dict(r) for r in s.scalars(q)][::-1], write=False)
+
+@patch
+def drift_flags(self: FeedbackStore, model: str | None = None, since=None) -> list:
+    "The drift checks that detected drift (of `model`, since `since`), oldest first: what retraining acts on."
+    return self.drift_events(model=model, since=since, detected=True)

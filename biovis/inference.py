@@ -5,7 +5,7 @@ with every input validated first and prepared exactly as in training."""
 
 # %% ../nbs/06_inference.ipynb #17b8a4d1
 from __future__ import annotations
-import time
+import copy, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -17,9 +17,11 @@ from .data import read_image, to_model_input, InvalidImageError, MAX_BYTES
 from .train import predict_proba
 from .registry import ModelRegistry
 from fastcore.basics import patch
+import threading
+from contextlib import contextmanager
 
 # %% auto #0
-__all__ = ['Prediction', 'Predictor', 'gradcam', 'overlay']
+__all__ = ['IMAGE_STATS', 'Prediction', 'fuse_conv_bn', 'Predictor', 'gradcam', 'overlay', 'image_stats']
 
 # %% ../nbs/06_inference.ipynb #4d2db1e3
 @dataclass
@@ -37,12 +39,26 @@ class Prediction:
     def to_dict(self) -> dict: return asdict(self)
 
 # %% ../nbs/06_inference.ipynb #dda34489
+def fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:
+    "An inference copy of `model` with each Conv2d + BatchNorm2d pair of a Sequential folded into one Conv2d (same outputs)."
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    model = copy.deepcopy(model).eval()
+    for seq in [m for m in model.modules() if isinstance(m, torch.nn.Sequential)]:
+        kids = list(seq._modules.items())
+        for j, ((n1, a), (n2, b)) in enumerate(zip(kids, kids[1:])):
+            if type(a) is torch.nn.Conv2d and type(b) is torch.nn.BatchNorm2d and b.track_running_stats:
+                seq._modules[n1], seq._modules[n2] = fuse_conv_bn_eval(a, b), torch.nn.Identity()
+                # an in-place activation would now overwrite the convolution's own output, which Grad-CAM hooks
+                if j + 2 < len(kids) and getattr(kids[j + 2][1], 'inplace', False): kids[j + 2][1].inplace = False
+    return model
+
 class Predictor:
     "A model with its metadata, ready to classify validated inputs."
     def __init__(self, model: torch.nn.Module, meta: dict, device=None, tta: bool = False, batch_size: int = 256,
                  max_bytes: int = MAX_BYTES):
         self.device = torch.device(device) if device else get_device()
-        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
+        # BatchNorm folded into the convolutions: about 20% less time per image on a CPU, same probabilities
+        self.model = fuse_conv_bn(model).to(self.device).to(memory_format=torch.channels_last).eval()
         self.meta, self.tta, self.batch_size, self.max_bytes = meta, tta, batch_size, max_bytes
         self.classes = list(meta['classes'])
         self.size = tuple(meta['input_size'])
@@ -52,8 +68,17 @@ class Predictor:
     def from_registry(cls, name: str, ref: str = 'production', registry: ModelRegistry | None = None, **kw) -> 'Predictor':
         "Load version `ref` (alias, `latest` or `vN`) of model `name`."
         reg = registry or ModelRegistry()
+        backend = reg.metadata(name, ref).get('backend', 'fastai')
+        if cls is Predictor and backend == 'keras':       # other backends: their own Predictor, imported only when used
+            from .keras_backend import KerasPredictor
+            return KerasPredictor.from_registry(name, ref, registry=reg, **kw)
+        if cls is Predictor and backend == 'onnx':
+            from .onnx_backend import OnnxPredictor
+            return OnnxPredictor.from_registry(name, ref, registry=reg, **kw)
         model, meta = reg.load_model(name, ref)
-        return cls(model, meta, **kw)
+        p = cls(model, meta, **kw)
+        p.drift_dir = reg.path(name, meta['version'])    # its drift reference (see `predict_with_features`)
+        return p
 
     @property
     def name(self) -> str: return self.meta.get('name', '?')
@@ -132,3 +157,70 @@ def explain(self: Predictor, src, target: int | None = None):
     from PIL import Image as _I
     heat = np.asarray(_I.fromarray((heat * 255).astype(np.uint8)).resize((img.shape[1], img.shape[0]), _I.BILINEAR)) / 255.
     return heat, img, self._wrap(predict_proba(self.model, a[None], tta=self.tta, device=self.device)[0])
+
+# %% ../nbs/06_inference.ipynb #550112b3
+IMAGE_STATS = ('height', 'width', 'channels', 'brightness', 'contrast', 'sharpness')
+
+def image_stats(x: np.ndarray, raw_shapes=None) -> np.ndarray:
+    "`IMAGE_STATS` of model inputs `x` (N x H x W x C uint8); `raw_shapes` are the uploads' own shapes (default: `x`'s)."
+    g = x.astype(np.float32).mean(-1) / 255 if x.ndim == 4 else x.astype(np.float32) / 255
+    lap = 4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
+    if raw_shapes is None: raw_shapes = [x.shape[1:]] * len(x)
+    hwc = np.array([(s[0], s[1], s[2] if len(s) > 2 else 1) for s in raw_shapes], np.float32).reshape(-1, 3)
+    return np.concatenate([hwc, g.mean((1, 2))[:, None], g.std((1, 2))[:, None], lap.std((1, 2))[:, None]], 1)
+
+class _FeatureTap:
+    "A forward pre-hook on the model's last linear layer that keeps its input, for the calling thread only, while asked."
+    def __init__(self, model: torch.nn.Module):
+        lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        if not lins: raise ValueError('model has no linear layer to take an embedding from')
+        self.local = threading.local()
+        self.handle = lins[-1].register_forward_pre_hook(self._hook)
+    def _hook(self, m, inp):
+        got = getattr(self.local, 'got', None)
+        if got is not None: got.append(inp[0].detach().float().flatten(1).cpu())
+    @contextmanager
+    def capture(self):
+        self.local.got = []
+        try: yield self.local.got
+        finally: self.local.got = None
+
+_TAP_LOCK = threading.Lock()
+Predictor.drift_dir = None       # the version's folder, set by `from_registry`: where its drift reference lives
+
+@patch
+def _drift_projection(self: Predictor):
+    "The fixed projection (D x k) of the version's drift reference, or None (no reference: full embeddings)."
+    if not hasattr(self, '_proj'):
+        d, info = self.drift_dir, self.meta.get('drift')
+        self._proj = None
+        if d is not None and info and (Path(d)/info.get('file', 'drift.npz')).exists():
+            with np.load(Path(d)/info.get('file', 'drift.npz')) as z: self._proj = z['projection'].astype(np.float32)
+    return self._proj
+
+@patch
+def features(self: Predictor, x: np.ndarray, reduce: bool = True):
+    "(probabilities N x classes, embeddings N x k) of model inputs `x` (N x H x W x C uint8) from one forward pass; `reduce=False`: the full penultimate embeddings."
+    if not hasattr(self, '_tap'):
+        with _TAP_LOCK:
+            if not hasattr(self, '_tap'): self._tap = _FeatureTap(self.model)
+    with self._tap.capture() as got:
+        probs = predict_proba(self.model, x, bs=self.batch_size, tta=self.tta, device=self.device)
+    if not got: return probs, np.zeros((len(x), 0), np.float32)
+    # with TTA each batch runs 8 views in turn: average them
+    e = torch.cat([torch.stack(got[i:i + 8]).mean(0) for i in range(0, len(got), 8)] if self.tta else got).numpy()
+    if not reduce: return probs, e
+    P = self._drift_projection()     # no reference, nothing to compare with: no embedding (keeps the logged row small)
+    return probs, (e @ P if P is not None else np.zeros((len(e), 0), np.float32))
+
+@patch
+def predict_with_features(self: Predictor, srcs) -> tuple:
+    "Classify inputs; returns (one `Prediction` each, their drift features: embedding then `IMAGE_STATS`, N x (k + 6))."
+    raws, x = [], np.empty((len(srcs), *self.size, self.channels), np.uint8)
+    for i, s in enumerate(srcs):
+        try:
+            r = read_image(s, max_bytes=self.max_bytes); x[i] = to_model_input(r, self.size, self.channels); raws.append(r.shape)
+        except InvalidImageError as e:
+            raise InvalidImageError(f'input {i}: {e}' if len(srcs) > 1 else str(e)) from None
+    probs, emb = self.features(x)
+    return [self._wrap(p) for p in probs], np.concatenate([emb, image_stats(x, raws)], 1).astype(np.float32)

@@ -101,9 +101,9 @@ class ModelRegistry:
         return rows
 
     # --- writing -------------------------------------------------------------------------
-    def register(self, name: str, model: torch.nn.Module, meta: dict, card: str | None = None,
-                 alias: str | None = 'candidate') -> str:
-        "Store `model`'s weights with `meta` as a new version of `name` (atomically); set `alias`; returns the version."
+    def register(self, name: str, model: torch.nn.Module | None, meta: dict, card: str | None = None,
+                 alias: str | None = 'candidate', extra_files: dict | None = None, weights_file=None) -> str:
+        "Store `model`'s weights (or the file `weights_file`, e.g. a Keras `.keras`/`.h5` or an `.onnx`) with `meta` (and `extra_files`, {file name: bytes}) as a new version of `name` (atomically); set `alias`; returns the version."
         if not name or '/' in name or name.startswith('.') or name != name.strip():
             raise RegistryError(f'invalid model name {name!r}')
         for k in ('arch', 'classes', 'input_size', 'channels'):
@@ -112,15 +112,28 @@ class ModelRegistry:
         stage = d/f'.staging-{uuid.uuid4().hex}'
         stage.mkdir()
         try:
-            sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            with open(stage/'model.pt', 'wb') as f:
-                torch.save(sd, f); f.flush(); os.fsync(f.fileno())
+            if (model is None) == (weights_file is None): raise RegistryError('give exactly one of `model` and `weights_file`')
+            if model is not None:
+                wname = 'model.pt'
+                sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                with open(stage/wname, 'wb') as f:
+                    torch.save(sd, f); f.flush(); os.fsync(f.fileno())
+            else:                                              # a file artefact of another backend, copied as model.<suffix>
+                wf = Path(weights_file)
+                if not wf.is_file(): raise RegistryError(f'no such weights file: {wf}')
+                wname = 'model' + ''.join(wf.suffixes[-1:]).lower()
+                shutil.copyfile(wf, stage/wname)
+                with open(stage/wname, 'rb+') as f: os.fsync(f.fileno())
+            for fn, data in (extra_files or {}).items():      # e.g. the drift reference, inside the same atomic rename
+                if not fn or '/' in fn or fn.startswith('.') or fn in (wname, 'metadata.json', 'MODEL_CARD.md'):
+                    raise RegistryError(f'invalid extra file name {fn!r}')
+                atomic_write(stage/fn, data)
             with self._lock(name):
                 vs = self.versions(name)
                 version = f'v{(_vnum(vs[-1]) if vs else 0) + 1}'
                 meta = dict(meta, name=name, version=version, created=_now(), backend=meta.get('backend', 'fastai'),
-                            task=meta.get('task', 'classification'), weights='model.pt',
-                            weights_sha256=sha256_file(stage/'model.pt'),
+                            task=meta.get('task', 'classification'), weights=wname,
+                            weights_sha256=sha256_file(stage/wname),
                             git_commit=meta.get('git_commit') or git_commit(), biovis_version=biovis.__version__,
                             torch_version=torch.__version__, python=platform.python_version())
                 write_json(stage/'metadata.json', meta)
@@ -192,6 +205,12 @@ class ModelRegistry:
         if not w.exists(): raise RegistryError(f'{name} {meta["version"]}: weights file {w.name} is missing')
         if meta.get('weights_sha256') and sha256_file(w) != meta['weights_sha256']:
             raise RegistryError(f'{name} {meta["version"]}: weights do not match their recorded SHA-256 (corrupt or changed)')
+        if meta.get('backend', 'fastai') == 'keras':          # TensorFlow only now, when a Keras model is asked for
+            from .keras_backend import load_keras_model
+            return load_keras_model(w), meta
+        if meta.get('backend') == 'onnx':
+            from .onnx_backend import onnx_session
+            return onnx_session(w), meta
         model = create_model(meta['arch'], len(meta['classes']), meta['channels'], pretrained=False)
         try: model.load_state_dict(torch.load(w, map_location='cpu', weights_only=True))
         except Exception as e: raise RegistryError(f'{name} {meta["version"]}: cannot load weights: {e}') from None

@@ -103,8 +103,8 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
           size: int | None = None, seed: int = 42, pretrained: bool = True, wd: float = 5e-4,
           label_smoothing: float = 0.1, augment: bool = True, patience: int | None = None,
           train_splits=('train',), checkpoint_dir=None, device=None, progress: bool = True,
-          deterministic: bool = True) -> Learner:
-    "Train `arch` on `ds` with fastai; returns the `Learner` with the best validation epoch restored."
+          deterministic: bool = True, cbs: list | None = None) -> Learner:
+    "Train `arch` on `ds` with fastai (extra fastai callbacks in `cbs`); returns the `Learner` with the best validation epoch restored."
     log = get_logger('train')
     if arch not in ARCHS: raise ValueError(f'unknown architecture {arch!r}; choose one of {sorted(ARCHS)}')
     set_seed(seed, deterministic)
@@ -119,10 +119,12 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
         set_normalization(model, x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).clamp_min(1e-3).tolist())
     model = model.to(memory_format=torch.channels_last)
     path = Path(checkpoint_dir) if checkpoint_dir else Path(__import__('tempfile').mkdtemp(prefix='biovis-ckpt-'))
+    extra_cbs = cbs
     selecting = 'valid' not in train_splits   # with the validation split trained on, keep the last epoch
     cbs = [SaveModelCallback(monitor='accuracy', fname='best', with_opt=False)] if selecting else []
     if augment: cbs.append(MicroscopyAug())
     if patience and selecting: cbs.append(EarlyStoppingCallback(monitor='accuracy', patience=patience))
+    cbs += list(extra_cbs or [])       # e.g. experiment tracking (W&B)
     learn = Learner(dls, model, loss_func=LabelSmoothingCrossEntropyFlat(eps=label_smoothing), opt_func=Adam,
                     metrics=[accuracy], wd=wd, path=path, model_dir='.', cbs=cbs)
     log.info('training %s on %s: %d train / %d valid images at %dx%d, %d epochs on %s',

@@ -155,4 +155,6 @@ def build_ui(service):
             dmsg = gr.Markdown()
             refresh.click(_history, None, htable)
             dbtn.click(_delete, did, dmsg)
+        from biovis.segment_serve import seg_tab
+        seg_tab(service)          # the Segment tab, when a segmentation model is served
     return demo

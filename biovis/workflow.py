@@ -36,7 +36,13 @@ def train_and_register(ds: ImageDataset, name: str | None = None, arch: str = 'c
     log.info('test split: %s', ev)
     meta = dict(learn.biovis, metrics=dict(ev.summary(), dataset_version=ds.version),
                 per_class=ev.per_class.to_dict('records'), tta=tta)
-    version = reg.register(name, learn.model, meta)
+    # the drift reference, on held-out images the model was not trained on: the valid split, or the test split
+    # when valid was trained on too (the test split is then only read, never fitted: the reference is no metric)
+    from biovis.drift import build_reference, DriftError    # lazily: drift builds on inference, as this module does
+    ref_split, extra = 'test' if 'valid' in meta['dataset']['train_splits'] else 'valid', {}
+    try: meta['drift'], extra = build_reference(learn.model, meta, ds, split=ref_split)
+    except DriftError as e: log.warning('no drift reference for this version: %s', e)
+    version = reg.register(name, learn.model, meta, extra_files=extra)
     if promote:
         current = reg.aliases(name).get('production')
         better = current is None or ev.metrics['accuracy'] >= reg.metadata(name, current).get('metrics', {}).get('accuracy', 0)

@@ -137,3 +137,21 @@ def test_cli_predict_good_and_bad_files(trained, cell, tmp_path):
     r = run_cli('predict', tmp_path/'good.png', tmp_path/'bad.png', '--model', 'blood', '--models-dir', reg.root, home=tmp_path)
     assert r.returncode == 3 and 'not an image' in r.stderr and 'good.png' in r.stdout
     assert run_cli('predict', tmp_path/'good.png', '--model', 'nosuch', '--models-dir', reg.root, home=tmp_path).returncode == 4
+
+
+@pytest.mark.parametrize('arch', ['cnn_small', 'resnet18_small'])
+def test_batchnorm_folding_keeps_the_outputs(arch):
+    import torch
+    from biovis.models import create_model
+    from biovis.inference import fuse_conv_bn
+    torch.manual_seed(0)
+    m = create_model(arch, n_classes=5, pretrained=False)
+    for mod in m.modules():      # non-trivial statistics, as after training
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-1, 1); mod.running_var.uniform_(0.5, 2); mod.weight.data.uniform_(0.5, 1.5)
+    m.eval(); f = fuse_conv_bn(m)
+    n_bn = lambda mod: sum(isinstance(x, torch.nn.BatchNorm2d) for x in mod.modules())
+    assert n_bn(m) > 0 and n_bn(f) < n_bn(m)
+    x = torch.rand(4, 3, 28, 28)
+    with torch.no_grad(): torch.testing.assert_close(f(x), m(x), rtol=1e-4, atol=1e-4)
+    assert n_bn(m) == sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())   # the original is untouched
