@@ -211,7 +211,7 @@ def _add_seg_parsers(sub):
     def _bench(a):
         if not a.segmentation: return cmd_benchmark(a)
         from biovis.segment import run_seg_benchmark
-        run_seg_benchmark(out_dir=a.out, cf_budget_s=a.seg_budget)
+        run_seg_benchmark(out_dir=a.out, cf_budget_s=a.seg_budget, registry=_registry(a))
     b.set_defaults(fn=_bench)
     sf = sub.add_parser('segment-feedback', help='export the corrected masks of the feedback store as image/ + masks/ for retraining')
     sf.add_argument('dest', help='output folder'); sf.add_argument('--model', default=None, help='only this model\'s predictions')

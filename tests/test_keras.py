@@ -63,7 +63,7 @@ def test_import_through_cli_and_predict(tmp_path, trained, keras_files):
         np.testing.assert_allclose(p.predict_proba(list(x)), probs, atol=1e-5)
         got = p.predict_batch([_png(a) for a in x[:4]])          # PNG bytes, as uploads come
         assert [g.index for g in got] == list(probs[:4].argmax(1)) and got[0].model == f'blood-{suffix}'
-        pr, emb = p.features(x[:5])
+        pr, emb = p.features(x[:5], reduce=False)
         assert pr.shape == (5, len(classes)) and emb.shape[0] == 5 and emb.shape[1] > 0
         heat, img, pred = p.explain(_png(x[0]))
         assert heat.shape == (28, 28) and 0 <= heat.min() <= heat.max() <= 1 and pred.index == int(probs[0].argmax())

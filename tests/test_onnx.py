@@ -24,7 +24,8 @@ def test_onnx_export_gives_torch_probabilities(tmp_path, trained, sample_ds):
     p_onnx, p_torch = po.predict_proba(list(x)), pt.predict_proba(list(x))
     assert np.abs(p_onnx - p_torch).max() < 1e-4
     assert (p_onnx.argmax(1) == y).mean() > 0.3            # a trained model, not a constant
-    (e_onnx, e_torch) = po.features(x[:16])[1], pt.features(x[:16])[1]
+    (e_onnx, e_torch) = po.features(x[:16], reduce=False)[1], pt.features(x[:16], reduce=False)[1]
+    assert e_torch.shape[1] > 0 and po.features(x[:16])[1].shape == pt.features(x[:16])[1].shape   # reduced alike (drift projection)
     np.testing.assert_allclose(e_onnx, e_torch, atol=1e-3)
     import onnxruntime as ort                                # the copied file stands alone
     s = ort.InferenceSession(str(tmp_path/'blood.onnx'), providers=['CPUExecutionProvider'])
