@@ -5,7 +5,7 @@ with every input validated first and prepared exactly as in training."""
 
 # %% ../nbs/06_inference.ipynb #17b8a4d1
 from __future__ import annotations
-import copy, time
+import copy, importlib, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import torch
 from .core import get_device
 from .data import read_image, to_model_input, InvalidImageError, MAX_BYTES
 from .train import predict_proba
-from .registry import ModelRegistry
+from .registry import ModelRegistry, RegistryError
 from fastcore.basics import patch
 import threading
 from contextlib import contextmanager
@@ -52,8 +52,11 @@ def fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:
                 if j + 2 < len(kids) and getattr(kids[j + 2][1], 'inplace', False): kids[j + 2][1].inplace = False
     return model
 
+_BACKENDS = {'keras': ('biovis.keras_backend', 'KerasPredictor'), 'onnx': ('biovis.onnx_backend', 'OnnxPredictor')}
+
 class Predictor:
     "A model with its metadata, ready to classify validated inputs."
+    backend = 'fastai'     # what `meta['backend']` a class serves; `from_registry` picks the class
     def __init__(self, model: torch.nn.Module, meta: dict, device=None, tta: bool = False, batch_size: int = 256,
                  max_bytes: int = MAX_BYTES):
         self.device = torch.device(device) if device else get_device()
@@ -69,12 +72,10 @@ class Predictor:
         "Load version `ref` (alias, `latest` or `vN`) of model `name`."
         reg = registry or ModelRegistry()
         backend = reg.metadata(name, ref).get('backend', 'fastai')
-        if cls is Predictor and backend == 'keras':       # other backends: their own Predictor, imported only when used
-            from .keras_backend import KerasPredictor
-            return KerasPredictor.from_registry(name, ref, registry=reg, **kw)
-        if cls is Predictor and backend == 'onnx':
-            from .onnx_backend import OnnxPredictor
-            return OnnxPredictor.from_registry(name, ref, registry=reg, **kw)
+        if cls is Predictor and backend in _BACKENDS:     # other backends: their own Predictor, imported only when used
+            cls = getattr(importlib.import_module(_BACKENDS[backend][0]), _BACKENDS[backend][1])
+        if backend != cls.backend:
+            raise RegistryError(f'{name} {ref} is a {backend} model; {cls.__name__} serves {cls.backend} models')
         model, meta = reg.load_model(name, ref)
         p = cls(model, meta, **kw)
         p.drift_dir = reg.path(name, meta['version'])    # its drift reference (see `predict_with_features`)

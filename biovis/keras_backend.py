@@ -34,6 +34,9 @@ class ExplainNotSupported(NotImplementedError):
 def _tf():
     "(tensorflow, keras), imported on first use, quietly."
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2'); os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
+    # torch's compiler stack (triton) segfaults when its native libraries load after TensorFlow's, as they do when
+    # torchvision's models are first imported in a process that already serves a Keras model: load it first
+    import torch._dynamo  # noqa: F401
     try:
         import tensorflow as tf
         import keras
@@ -317,23 +320,14 @@ def train_and_register_keras(ds: ImageDataset, name: str | None = None, arch: st
 
 # %% ../nbs/17_keras.ipynb #611f6209
 class KerasPredictor(Predictor):
-    "A registered Keras model behind the `Predictor` interface."
+    "A registered Keras model behind the `Predictor` interface (`Predictor.from_registry` loads it)."
+    backend = 'keras'
     def __init__(self, model, meta: dict, device=None, tta: bool = False, batch_size: int = 256, max_bytes: int = MAX_BYTES):
         self.model, self.meta, self.tta, self.batch_size, self.max_bytes = model, meta, tta, batch_size, max_bytes
         self.device = 'cpu'
         self.classes, self.size, self.channels = list(meta['classes']), tuple(meta['input_size']), int(meta['channels'])
         self.preprocess_rule = meta.get('preprocess', 'scale')
         self._lock = threading.Lock()
-
-    @classmethod
-    def from_registry(cls, name: str, ref: str = 'production', registry: ModelRegistry | None = None, **kw) -> 'KerasPredictor':
-        "Load version `ref` of the Keras model `name`."
-        reg = registry or ModelRegistry()
-        model, meta = reg.load_model(name, ref)
-        if meta.get('backend') != 'keras': raise RegistryError(f'{name} {meta["version"]} is a {meta.get("backend")} model, not a Keras one')
-        p = cls(model, meta, **kw)
-        p.drift_dir = reg.path(name, meta['version'])
-        return p
 
     def __repr__(self): return f'KerasPredictor({self.name} {self.version}, {self.meta["arch"]}, {len(self.classes)} classes, {self.size}, tta={self.tta})'
 

@@ -90,21 +90,12 @@ def register_onnx(name: str, ref: str = 'production', dest: str | None = None, r
     return dest, v, reg.path(dest, v)/'model.onnx'
 
 class OnnxPredictor(Predictor):
-    "A registered ONNX model, run by ONNX Runtime, behind the `Predictor` interface."
+    "A registered ONNX model, run by ONNX Runtime, behind the `Predictor` interface (`Predictor.from_registry` loads it)."
+    backend = 'onnx'
     def __init__(self, session, meta: dict, device=None, tta: bool = False, batch_size: int = 256, max_bytes: int = MAX_BYTES):
         self.model = self.session = session
         self.meta, self.tta, self.batch_size, self.max_bytes, self.device = meta, tta, batch_size, max_bytes, 'cpu'
         self.classes, self.size, self.channels = list(meta['classes']), tuple(meta['input_size']), int(meta['channels'])
-
-    @classmethod
-    def from_registry(cls, name: str, ref: str = 'production', registry: ModelRegistry | None = None, **kw) -> 'OnnxPredictor':
-        "Load version `ref` of the ONNX model `name`."
-        reg = registry or ModelRegistry()
-        session, meta = reg.load_model(name, ref)
-        if meta.get('backend') != 'onnx': raise RegistryError(f'{name} {meta["version"]} is a {meta.get("backend")} model, not an ONNX one')
-        p = cls(session, meta, **kw)
-        p.drift_dir = reg.path(name, meta['version'])
-        return p
 
     def __repr__(self): return f'OnnxPredictor({self.name} {self.version}, {self.meta["arch"]}, {len(self.classes)} classes, {self.size}, tta={self.tta})'
 

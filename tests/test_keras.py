@@ -129,3 +129,13 @@ def test_train_keras_through_cli(home):
     r = run_cli('evaluate', 'kcnn', '--data', 'sample', '--json', home/'ev.json', home=home, check=0)
     import json
     assert '(keras)' in r.stdout and abs(json.loads((home/'ev.json').read_text())['accuracy'] - meta['metrics']['accuracy']) < 1e-6
+
+
+def test_torchvision_models_load_after_a_keras_model(tmp_path):
+    "A server that loaded a Keras model must still be able to load a ResNet (torchvision) model afterwards."
+    import subprocess, sys
+    code = ('from biovis.keras_backend import _tf; _tf()\n'
+            'from biovis.models import create_model; create_model("resnet18_small", 3, pretrained=False)\n'
+            'print("loaded")')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and 'loaded' in r.stdout, (r.returncode, r.stderr[-2000:])
