@@ -213,7 +213,7 @@ def _add_seg_parsers(sub):
         from biovis.segment import run_seg_benchmark
         run_seg_benchmark(out_dir=a.out, cf_budget_s=a.seg_budget, registry=_registry(a))
     b.set_defaults(fn=_bench)
-    sf = sub.add_parser('segment-feedback', help='export the corrected masks of the feedback store as image/ + masks/ for retraining')
+    sf = sub.add_parser('segment-feedback', help='export the corrected masks of the feedback store as image/ + masks/ (biovis retrain NAME uses them directly)')
     sf.add_argument('dest', help='output folder'); sf.add_argument('--model', default=None, help='only this model\'s predictions')
     sf.set_defaults(fn=cmd_seg_feedback_export)
 
@@ -265,17 +265,20 @@ def _add_drift_parsers(sub):
 def _retrain_kw(a) -> dict:
     from biovis.feedback import FeedbackStore
     return dict(name=a.name, data=a.data, store=FeedbackStore(), registry=_registry(a), threshold=a.threshold, force=a.force,
-                margin=a.margin, metric=a.metric, epochs=a.epochs, arch=a.arch, seed=a.seed, tta=not a.no_tta,
+                margin=a.margin, metric=a.metric, epochs=a.epochs, arch=a.arch, seed=a.seed, tta=not a.no_tta, budget_s=a.budget,
                 notebook=a.notebook, wait=a.wait if a.wait is None or a.wait > 0 else True)
 
 def cmd_retrain(a):
     from biovis.pipeline import retrain
+    if a.model and a.name and a.model != a.name: raise ValueError(f'two model names: {a.model} and --name {a.name}')
+    a.name = a.model or a.name
     kw = _retrain_kw(a)
     if kw['wait'] is None: kw['wait'] = False
     r = retrain(dry_run=a.dry_run, say=(lambda m: None) if a.json else print, **kw)
     if a.json: print(json.dumps({k: v for k, v in r.items()}, indent=2, default=str)); return
     if r['status'] == 'done':
-        print(f"run: {r['run_dir']}\n  notebook {Path(r['run_dir'])/'retrain.ipynb'}\n  report   {Path(r['run_dir'])/'retrain.html'}")
+        nb = Path(r['notebook'])
+        print(f"run: {r['run_dir']}\n  notebook {nb}\n  report   {nb.with_suffix('.html')}")
         print(f"aliases: {json.dumps(r['aliases'])}")
 
 def cmd_schedule(a):
@@ -317,12 +320,15 @@ def _add_pipeline_parsers(sub):
         r.add_argument('--threshold', type=int, default=None, help='new feedback needed (default: $BIOVIS_FB_THRESH or 100)')
         r.add_argument('--force', action='store_true', help='retrain whatever the feedback count and drift')
         r.add_argument('--margin', type=float, default=0.01, help='promote when candidate >= production - margin on the holdout')
-        r.add_argument('--metric', default='accuracy'); r.add_argument('--epochs', type=int, default=3)
+        r.add_argument('--metric', default=None, help='holdout metric compared with production (default: accuracy; segmentation: f1_tol)')
+        r.add_argument('--epochs', type=int, default=None, help="training epochs (default: 3; segmentation: production's)")
+        r.add_argument('--budget', type=float, default=None, help="segmentation: training time budget in seconds (default: production's)")
         r.add_argument('--arch', default=None, help="architecture (default: production's)"); r.add_argument('--seed', type=int, default=42)
         r.add_argument('--no-tta', action='store_true', help='evaluate without test-time augmentation')
-        r.add_argument('--notebook', default=None, help='pipeline notebook to run (default: nbs/pipelines/retrain.ipynb)')
+        r.add_argument('--notebook', default=None, help='pipeline notebook to run (default: nbs/pipelines/retrain.ipynb; segmentation: retrain_segment.ipynb)')
         r.add_argument('--wait', type=float, nargs='?', const=0, default=None, help='wait for a running retrain (up to N s) instead of refusing')
-    rt = sub.add_parser('retrain', help='retrain from feedback when due (FB_THRESH, drift or --force); promote if not worse')
+    rt = sub.add_parser('retrain', help='retrain from feedback (corrected labels or masks) when due (FB_THRESH, drift or --force); promote if not worse')
+    rt.add_argument('model', nargs='?', default=None, help='model name (the same as --name)')
     retrain_opts(rt); rt.add_argument('--dry-run', action='store_true', help='only print the decision')
     rt.add_argument('--json', action='store_true'); rt.set_defaults(fn=cmd_retrain)
     sc = sub.add_parser('schedule', help='run the retrain check in a long-lived process: --every 24h or --cron "0 3 * * *"')

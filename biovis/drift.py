@@ -240,7 +240,7 @@ def drift_benchmark(data=None, out_dir=None, epochs: int = 3, window: int = 200,
         R = DriftReference(z['projection'], z['emb'], z['probs'], z['stats'], z['labels'], list(ds.classes), info)
     pred = Predictor(learn.model, learn.biovis, device='cpu'); pred._proj = R.projection
     xt, yt = ds.tensors('test')
-    feats = lambda x: (lambda pe: (pe[0], np.concatenate([pe[1], image_stats(x)], 1)))(pred.features(x))
+    feats = pred.drift_features
     P0, F0 = feats(xt)
     acc = float((P0.argmax(1) == yt).mean())
     say(f'trained {epochs} epochs in {learn.biovis["training"]["seconds"]:.0f} s; test accuracy {acc:.4f}; reference: {info["n"]} valid images')

@@ -6,6 +6,8 @@
 # %% ../nbs/10_feedback.ipynb #365c7285
 from __future__ import annotations
 import contextlib, math, os, random, re, threading, time, uuid
+try: import fcntl
+except ImportError: fcntl = None      # Windows: SQLite's own locking alone
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -124,6 +126,7 @@ def _sqlite_connect(dbapi_conn, rec):
         cur.execute(f'PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}')   # first: the next pragma may wait for a lock
         cur.execute('PRAGMA journal_mode = WAL')
         cur.execute('PRAGMA synchronous = FULL')
+        rec.info['biovis_sync'] = 'FULL'
         cur.execute('PRAGMA foreign_keys = ON')
     finally: cur.close()
 
@@ -131,7 +134,9 @@ def _sqlite_begin(conn):
     opts = conn.get_execution_options()
     if opts.get('biovis_write'):
         # durability per transaction: FULL syncs the WAL at commit; NORMAL leaves it to the next FULL commit or checkpoint
-        conn.exec_driver_sql(f"PRAGMA synchronous = {'NORMAL' if opts.get('biovis_lazy_sync') else 'FULL'}")
+        sync = 'NORMAL' if opts.get('biovis_lazy_sync') else 'FULL'
+        if conn.info.get('biovis_sync') != sync:        # `info` lives with the DBAPI connection: set only when it changes
+            conn.exec_driver_sql(f'PRAGMA synchronous = {sync}'); conn.info['biovis_sync'] = sync
     conn.exec_driver_sql('BEGIN IMMEDIATE' if opts.get('biovis_write') else 'BEGIN')
 
 def _make_engine(url: str):
@@ -143,6 +148,29 @@ def _make_engine(url: str):
     event.listen(eng, 'connect', _sqlite_connect)
     event.listen(eng, 'begin', _sqlite_begin)
     return eng
+
+class _WriterLock:
+    """The SQLite file's writer lock for every process that uses it: an exclusive `flock` on `<db>-writer.lock`. Writers of
+    several server workers queue in the kernel and are woken the moment it is free, instead of polling in SQLite's busy
+    handler (which sleeps 1, 2, 5, 10 ... ms between tries). Re-entrant; used under the store's thread lock."""
+    def __init__(self, path): self.path, self._fd, self._pid, self._depth = Path(path), None, None, 0
+    def __enter__(self):
+        if self._depth == 0:
+            if self._pid != os.getpid():       # a forked child opens its own: a shared descriptor would share the lock
+                self._fd, self._pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._depth += 1
+        return self
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth == 0: fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+def _writer_lock(url: str):
+    "A `_WriterLock` beside a SQLite database file; a no-op for other databases, in-memory ones, or without `fcntl`."
+    u = make_url(url)
+    db = u.database if u.get_backend_name() == 'sqlite' else None
+    if not db or db == ':memory:' or db.startswith('file:') or fcntl is None: return contextlib.nullcontext()
+    return _WriterLock(str(Path(db).expanduser()) + '-writer.lock')
 
 _TRANSIENT = ('database is locked', 'database is busy', 'database table is locked', 'deadlock detected',
               'could not serialize access')
@@ -171,6 +199,8 @@ class FeedbackStore:
         # one writer at a time in this process (threads queue here, not in SQLite's sleeping busy handler);
         # predictions waiting for it are committed together (see `log_prediction`)
         self._write_lock, self._pending, self._pending_lock = threading.RLock(), [], threading.Lock()
+        self._proc_lock = _writer_lock(self.url)       # ... and one process at a time (SQLite file databases)
+        self._write_engines = {}
         self._init_schema()
 
     def __repr__(self):
@@ -191,15 +221,21 @@ class FeedbackStore:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
-    def _run(self, fn, write: bool = True, tries: int = 6, durable: bool = True):
-        "Run `fn(session)` in one transaction (BEGIN IMMEDIATE when `write`) and commit; retry transient lock errors."
-        eng = self.engine.execution_options(biovis_write=True, biovis_lazy_sync=not durable) if write else self.engine
-        with self._write_lock if write and self.is_sqlite else contextlib.nullcontext():
-            return self._run_tries(fn, eng, tries)
+    def _run(self, fn, write: bool = True, tries: int = 6, durable: bool = True, core: bool = False):
+        "Run `fn(session)` (`core`: `fn(connection)`, no ORM) in one transaction (BEGIN IMMEDIATE when `write`) and commit; retry transient lock errors."
+        eng = self.engine
+        if write:       # the two writing variants of the engine, made once (they share its connection pool)
+            eng = self._write_engines.get(durable) or self._write_engines.setdefault(
+                durable, self._engine.execution_options(biovis_write=True, biovis_lazy_sync=not durable))
+        if not (write and self.is_sqlite): return self._run_tries(fn, eng, tries, core)
+        with self._write_lock, self._proc_lock:
+            return self._run_tries(fn, eng, tries, core)
 
-    def _run_tries(self, fn, eng, tries):
+    def _run_tries(self, fn, eng, tries, core=False):
         for i in range(tries):
             try:
+                if core:
+                    with eng.begin() as conn: return fn(conn)
                 with Session(eng, expire_on_commit=False) as s, s.begin():
                     return fn(s)
             except OperationalError as e:
@@ -286,16 +322,15 @@ def _check_embedding(e) -> list | None:
     return [_finite(x, 'embedding value') for x in e]
 
 @patch
-def _image_lock(self: FeedbackStore, s: Session, sha: str):
+def _image_lock(self: FeedbackStore, s, sha: str):
     "Serialise work on one image across processes: SQLite's BEGIN IMMEDIATE already does; PostgreSQL takes an advisory lock."
     if self._engine.dialect.name == 'postgresql':
         s.execute(text('SELECT pg_advisory_xact_lock(:k)'), {'k': int(sha[:15], 16)})
 
 @patch
-def log_prediction(self: FeedbackStore, model: str, version: str, image_sha: str, label: str, probs: dict,
-                   user: str | None = None, embedding=None, latency_ms: float | None = None,
-                   filename: str | None = None) -> str:
-    "Record a prediction of a stored image (save it first with `save_image`); returns the new prediction id."
+def _prediction_row(self: FeedbackStore, model: str, version: str, image_sha: str, label: str, probs: dict,
+                    user: str | None = None, embedding=None, latency_ms: float | None = None, filename: str | None = None) -> dict:
+    "A checked row of the predictions table (keys are column names) with a new id and time; raises `FeedbackError`."
     model, version = _text(model, 'model', 200), _text(str(version), 'model version', 64)
     sha, label, probs = _check_sha(image_sha), _text(label, 'label', MAX_LABEL), _check_probs(probs)
     if label not in probs: raise FeedbackError(f'label {label!r} is not one of the classes in probs ({", ".join(probs)})')
@@ -304,6 +339,14 @@ def log_prediction(self: FeedbackStore, model: str, version: str, image_sha: str
                latency_ms=None if latency_ms is None else _finite(latency_ms, 'latency_ms'),
                filename=None if filename is None else str(filename).replace('\x00', '\ufffd')[:MAX_FILENAME])
     rec.update(id=uuid.uuid4().hex, created=_utcnow())
+    return rec
+
+@patch
+def log_prediction(self: FeedbackStore, model: str, version: str, image_sha: str, label: str, probs: dict,
+                   user: str | None = None, embedding=None, latency_ms: float | None = None,
+                   filename: str | None = None) -> str:
+    "Record a prediction of a stored image (save it first with `save_image`); returns the new prediction id."
+    rec = self._prediction_row(model, version, image_sha, label, probs, user, embedding, latency_ms, filename)
     slot = dict(rec=rec, done=False, err=None)
     with self._pending_lock: self._pending.append(slot)
     with self._write_lock:          # group commit: the first caller in writes every row waiting by then
@@ -316,19 +359,32 @@ def log_prediction(self: FeedbackStore, model: str, version: str, image_sha: str
     return rec['id']
 
 @patch
+def log_predictions(self: FeedbackStore, rows: list) -> list:
+    """Record many predictions (dicts of `log_prediction`'s arguments) in one transaction; returns, per row, its new id
+    or the exception that refused that row alone (a bad row, or one whose image is not stored)."""
+    out = []
+    for r in rows:
+        try: out.append(self._prediction_row(**r))
+        except (FeedbackError, TypeError) as e: out.append(e)
+    recs = [r for r in out if isinstance(r, dict)]
+    try: errs = iter(self._insert_predictions(recs) if recs else [])
+    except Exception as e: errs = iter([e] * len(recs))
+    return [r if isinstance(r, Exception) else (next(errs) or r['id']) for r in out]
+
+@patch
 def _insert_predictions(self: FeedbackStore, rows: list) -> list:
     "Insert prediction rows in one write transaction; returns an error or None per row (a row whose image is not stored is refused alone)."
     errs = [None] * len(rows)
-    def tx(s):
+    def tx(conn):
         ok = []
         for i, r in enumerate(rows):
-            self._image_lock(s, r['image_sha'])
+            self._image_lock(conn, r['image_sha'])
             if self.image_path(r['image_sha']) is None:
                 errs[i] = FeedbackError(f"image {r['image_sha'][:12]}... is not stored; save it with save_image first")
             else: errs[i] = None; ok.append(r)
-        # one Core executemany of the table's cached INSERT: no ORM bulk machinery on the hot path
-        if ok: s.connection().execute(PredictionRecord.__table__.insert(), ok)
-    self._run(tx, durable=False)    # synced to disk by the next feedback commit (or checkpoint): see below
+        # one Core executemany of the table's cached INSERT, in a Core transaction: no ORM machinery on the hot path
+        if ok: conn.execute(PredictionRecord.__table__.insert(), ok)
+    self._run(tx, durable=False, core=True)    # synced to disk by the next feedback commit (or checkpoint): see below
     return errs
 
 # %% ../nbs/10_feedback.ipynb #f9aef63a
@@ -336,16 +392,24 @@ def _insert_predictions(self: FeedbackStore, rows: list) -> list:
 def add_feedback(self: FeedbackStore, prediction_id: str, correct_label: str, note: str = '',
                  user: str | None = None, classes=None) -> int:
     "Record that prediction `prediction_id` should have been `correct_label`; returns the feedback id."
+    def row():
+        label, n, u = _text(correct_label, 'correct label', MAX_LABEL), _text(note or '', 'note', MAX_NOTE, empty=True), _opt_user(user)
+        if classes is not None and label not in list(classes):
+            raise FeedbackError(f'label {label!r} is not one of the classes: {", ".join(map(str, classes))}')
+        return FeedbackRecord, dict(correct_label=label, note=n, user=u)
+    return self._add_to_prediction(prediction_id, row)
+
+@patch
+def _add_to_prediction(self: FeedbackStore, prediction_id: str, row) -> int:
+    "Feedback on a prediction: check the id's form, then `row()` (checks the values; returns the record class and its columns), then insert the record in one write transaction if the prediction exists there. Returns the record's id."
     if not isinstance(prediction_id, str) or not prediction_id or len(prediction_id) > 64:
         raise UnknownPredictionError(f'no prediction with id {str(prediction_id)[:80]!r}')
-    label, note, user = _text(correct_label, 'correct label', MAX_LABEL), _text(note or '', 'note', MAX_NOTE, empty=True), _opt_user(user)
-    if classes is not None and label not in list(classes):
-        raise FeedbackError(f'label {label!r} is not one of the classes: {", ".join(map(str, classes))}')
+    cls, cols = row()
     def tx(s):
         if s.get(PredictionRecord, prediction_id) is None: raise UnknownPredictionError(f'no prediction with id {prediction_id!r}')
-        fb = FeedbackRecord(prediction_id=prediction_id, correct_label=label, note=note, user=user, created=_utcnow())
-        s.add(fb); s.flush()
-        return fb.id
+        r = cls(prediction_id=prediction_id, created=_utcnow(), **cols)
+        s.add(r); s.flush()
+        return r.id
     return self._run(tx)
 
 # %% ../nbs/10_feedback.ipynb #c04c1a64
@@ -495,18 +559,12 @@ class MaskFeedbackRecord(Base):
 @patch
 def add_mask_feedback(self: FeedbackStore, prediction_id: str, mask_png: bytes, note: str = '', user: str | None = None) -> int:
     "Store a corrected mask (PNG bytes, already checked against its image) for prediction `prediction_id`; returns the row id."
-    if not isinstance(prediction_id, str) or not prediction_id or len(prediction_id) > 64:
-        raise UnknownPredictionError(f'no prediction with id {str(prediction_id)[:80]!r}')
-    note, user = _text(note or '', 'note', MAX_NOTE, empty=True), _opt_user(user)
-    if not isinstance(mask_png, (bytes, bytearray)) or image_format(mask_png) != 'png':
-        raise InvalidImageError('a corrected mask must be a PNG image')
-    sha = self.save_image(bytes(mask_png))
-    def tx(s):
-        if s.get(PredictionRecord, prediction_id) is None: raise UnknownPredictionError(f'no prediction with id {prediction_id!r}')
-        r = MaskFeedbackRecord(prediction_id=prediction_id, mask_sha=sha, note=note, user=user, created=_utcnow())
-        s.add(r); s.flush()
-        return r.id
-    return self._run(tx)
+    def row():
+        cols = dict(note=_text(note or '', 'note', MAX_NOTE, empty=True), user=_opt_user(user))
+        if not isinstance(mask_png, (bytes, bytearray)) or image_format(mask_png) != 'png':
+            raise InvalidImageError('a corrected mask must be a PNG image')
+        return MaskFeedbackRecord, dict(cols, mask_sha=self.save_image(bytes(mask_png)))
+    return self._add_to_prediction(prediction_id, row)
 
 @patch
 def mask_feedback_rows(self: FeedbackStore, since=None, model: str | None = None) -> list:

@@ -215,6 +215,12 @@ def features(self: Predictor, x: np.ndarray, reduce: bool = True):
     return probs, (e @ P if P is not None else np.zeros((len(e), 0), np.float32))
 
 @patch
+def drift_features(self: Predictor, x: np.ndarray, raw_shapes=None) -> tuple:
+    "(probabilities, drift features: the reduced embedding then `IMAGE_STATS`, N x (k + 6)) of model inputs `x`, from one forward pass."
+    probs, emb = self.features(x)
+    return probs, np.concatenate([emb, image_stats(x, raw_shapes)], 1).astype(np.float32)
+
+@patch
 def predict_with_features(self: Predictor, srcs) -> tuple:
     "Classify inputs; returns (one `Prediction` each, their drift features: embedding then `IMAGE_STATS`, N x (k + 6))."
     raws, x = [], np.empty((len(srcs), *self.size, self.channels), np.uint8)
@@ -223,5 +229,5 @@ def predict_with_features(self: Predictor, srcs) -> tuple:
             r = read_image(s, max_bytes=self.max_bytes); x[i] = to_model_input(r, self.size, self.channels); raws.append(r.shape)
         except InvalidImageError as e:
             raise InvalidImageError(f'input {i}: {e}' if len(srcs) > 1 else str(e)) from None
-    probs, emb = self.features(x)
-    return [self._wrap(p) for p in probs], np.concatenate([emb, image_stats(x, raws)], 1).astype(np.float32)
+    probs, feats = self.drift_features(x, raws)
+    return [self._wrap(p) for p in probs], feats

@@ -18,9 +18,10 @@ from .registry import ModelRegistry, ModelNotFoundError
 
 # %% auto #0
 __all__ = ['PipelineError', 'RetrainLockedError', 'NotebookFailedError', 'retrain_lock', 'last_training_time', 'RetrainDecision',
-           'retrain_decision', 'build_dataset_version', 'load_dataset_version', 'promotion_decision',
-           'compare_with_production', 'register_run', 'pipeline_notebook', 'run_notebook', 'retrain', 'run_pipeline',
-           'train_distributed', 'parse_every', 'next_run', 'schedule', 'list_runs', 'compare_runs']
+           'retrain_decision', 'build_dataset_version', 'load_dataset_version', 'build_seg_dataset_version',
+           'promotion_decision', 'compare_with_production', 'register_run', 'pipeline_notebook', 'run_notebook',
+           'retrain', 'run_pipeline', 'train_distributed', 'parse_every', 'next_run', 'schedule', 'list_runs',
+           'compare_runs']
 
 # %% ../nbs/15_pipeline.ipynb #d7de2638
 class PipelineError(RuntimeError):
@@ -75,7 +76,15 @@ class RetrainDecision:
     since: str | None = None
     drift: list = field(default_factory=list)
     forced: bool = False
+    task: str = 'classification'
     def to_dict(self): return asdict(self)
+
+def _current_meta(registry: ModelRegistry, name: str) -> dict | None:
+    "Metadata of `name`'s production version, else of its newest; None if it has none."
+    for ref in ('production', 'latest'):
+        try: return registry.metadata(name, ref)
+        except ModelNotFoundError: pass
+    return None
 
 def _drift_flags(store, name, since) -> list:
     fn = getattr(store, 'drift_flags', None)
@@ -84,17 +93,19 @@ def _drift_flags(store, name, since) -> list:
     return [{k: f.get(k) for k in ('id', 'created', 'model', 'version')} if isinstance(f, dict) else f for f in flags]
 
 def retrain_decision(store, registry: ModelRegistry, name: str, threshold: int | None = None, force: bool = False) -> RetrainDecision:
-    "Decide whether to retrain `name`: new feedback >= `threshold`, drift flagged, or `force`."
+    "Decide whether to retrain `name`: new feedback (corrected masks for a segmentation model) >= `threshold`, drift flagged, or `force`."
     threshold = get_settings().fb_thresh if threshold is None else int(threshold)
     since = last_training_time(registry, name)
-    rows = [r for r in store.feedback_rows(since=since) if r['model'] == name]
+    task = (_current_meta(registry, name) or {}).get('task', 'classification')
+    if task == 'segmentation': rows, what = store.mask_feedback_rows(since=since, model=name), 'new corrected masks'
+    else: rows, what = [r for r in store.feedback_rows(since=since) if r['model'] == name], 'new feedback'
     drift = _drift_flags(store, name, since)
     n, s = len(rows), since.isoformat() if since else None
-    kw = dict(name=name, new_feedback=n, threshold=threshold, since=s, drift=drift, forced=force)
-    if force: return RetrainDecision(proceed=True, reason=f'forced ({n} new feedback since {s})', **kw)
-    if n >= threshold: return RetrainDecision(proceed=True, reason=f'{n} new feedback since {s} >= FB_THRESH {threshold}', **kw)
-    if drift: return RetrainDecision(proceed=True, reason=f'drift flagged ({len(drift)} flag(s)); {n} new feedback', **kw)
-    return RetrainDecision(proceed=False, reason=f'{n} new feedback since {s} < FB_THRESH {threshold} and no drift flagged', **kw)
+    kw = dict(name=name, new_feedback=n, threshold=threshold, since=s, drift=drift, forced=force, task=task)
+    if force: return RetrainDecision(proceed=True, reason=f'forced ({n} {what} since {s})', **kw)
+    if n >= threshold: return RetrainDecision(proceed=True, reason=f'{n} {what} since {s} >= FB_THRESH {threshold}', **kw)
+    if drift: return RetrainDecision(proceed=True, reason=f'drift flagged ({len(drift)} flag(s)); {n} {what}', **kw)
+    return RetrainDecision(proceed=False, reason=f'{n} {what} since {s} < FB_THRESH {threshold} and no drift flagged', **kw)
 
 # %% ../nbs/15_pipeline.ipynb #5fadf3e0
 def _pixel_hash(a: np.ndarray) -> str: return sha256_bytes(f'{a.shape}'.encode() + np.ascontiguousarray(a).tobytes())
@@ -128,10 +139,8 @@ def build_dataset_version(base: ImageDataset, rows: list, store, out_root=None, 
             continue
         added[h] = (a, lab)                        # two uploads with the same pixels: the later one wins
     for a, lab in added.values(): x['train'].append(a); y['train'].append(lab); stats['added'] += 1
-    out_root = Path(out_root or get_settings().home/'data'/'versions'/name)
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix='.build-', dir=out_root))
-    try:
+    info = {}
+    def write(tmp):
         arrs = {}
         for s, k in (('train', 'train'), ('valid', 'val'), ('test', 'test')):
             xs = np.stack(x[s]) if x[s] else np.zeros((0, *size, ch), np.uint8)
@@ -139,25 +148,107 @@ def build_dataset_version(base: ImageDataset, rows: list, store, out_root=None, 
             arrs[f'{k}_labels'] = np.asarray(y[s], np.int64).reshape(-1, 1)
         np.savez(tmp/'dataset.npz', **arrs)
         ds = from_npz(tmp/'dataset.npz', classes=list(base.classes), name=name)
-        info = dict(name=name, version=ds.version, classes=list(base.classes), base=dict(name=base.name, source=str(base.source), version=base.version),
-                    feedback=stats, counts={s: int((ds.splits == s).sum()) for s in ('train', 'valid', 'test')},
-                    created=datetime.now(timezone.utc).isoformat(timespec='seconds'))
+        info.update(_version_info(ds, base, stats))
         ds.save_manifest(tmp/'manifest.csv'); write_json(tmp/'info.json', info)
-        final = out_root/ds.version[:16]
+        return ds.version
+    final = _publish_version(Path(out_root or get_settings().home/'data'/'versions'/name), write)
+    log.info('dataset %s version %s: %s', name, info['version'][:12], stats)
+    return load_dataset_version(final/'dataset.npz'), dict(info, path=str(final/'dataset.npz'))
+
+def _version_info(ds, base, stats: dict, **extra) -> dict:
+    "The `info.json` of a dataset version `ds` built from `base` with the feedback `stats`."
+    return dict(name=ds.name, version=ds.version, classes=list(base.classes), **extra,
+                base=dict(name=base.name, source=str(base.source), version=base.version),
+                feedback=stats, counts={s: int((ds.splits == s).sum()) for s in ('train', 'valid', 'test')},
+                created=datetime.now(timezone.utc).isoformat(timespec='seconds'))
+
+def _publish_version(out_root: Path, write) -> Path:
+    "`write(tmp)` fills a staging folder in `out_root` and returns the version; the folder becomes `out_root/<version[:16]>` by one rename."
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix='.build-', dir=out_root))
+    try:
+        final = out_root/write(tmp)[:16]
         if final.exists(): shutil.rmtree(tmp)       # the same content was built before
         else: os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
-    log.info('dataset %s version %s: %s', name, ds.version[:12], stats)
-    return load_dataset_version(final/'dataset.npz'), dict(info, path=str(final/'dataset.npz'))
+    return final
 
-def load_dataset_version(path) -> ImageDataset:
-    "A dataset version written by `build_dataset_version` (its `info.json` names the classes), or any source `load_dataset` reads."
+def load_dataset_version(path):
+    "A dataset version written by `build_dataset_version` or `build_seg_dataset_version` (its `info.json` names the classes), or any source `load_dataset` reads."
     p = Path(str(path))
     if p.name == 'dataset.npz' and (p.parent/'info.json').exists():
         info = read_json(p.parent/'info.json')
         return from_npz(p, classes=info['classes'], name=info['name'])
+    if p.is_dir() and (p/'info.json').exists() and read_json(p/'info.json').get('task') == 'segmentation':
+        from biovis.segment import from_seg_folder
+        info = read_json(p/'info.json')
+        return from_seg_folder(p, classes=info['classes'], invert=bool(info.get('invert')), name=info['name'])
     return load_dataset(path)
+
+# %% ../nbs/15_pipeline.ipynb #bee80b33
+def _store_pairs(rows: list, store, n_classes: int, invert: bool, skip, stats: dict) -> dict:
+    "The latest correction of each image in `rows`, keyed by the image's pixel hash: {hash: (row, image file, mask PNG as the data set's files hold it)}."
+    from biovis.segment import read_mask, mask_to_png
+    by_sha = {}
+    for k, r in enumerate(rows): by_sha[r['image_sha']] = (k, r)          # rows come oldest first: the later one wins
+    out = {}
+    for k, r in sorted(by_sha.values(), key=lambda t: t[0]):
+        ip, mp = store.image_path(r['image_sha']), store.image_path(r['mask_sha'])
+        if ip is None: skip(r, 'missing_image'); continue
+        try: img = read_image(ip)
+        except InvalidImageError as e: skip(r, 'unreadable_image', e); continue
+        if mp is None: skip(r, 'missing_mask'); continue
+        try: m = read_mask(mp, n_classes, shape=img.shape)
+        except InvalidImageError as e: skip(r, 'unreadable_mask', e); continue
+        h = _pixel_hash(img)
+        if h in out: stats['duplicates'] += 1                           # the same pixels uploaded again: the later correction wins
+        out[h] = (r, ip, mask_to_png(1 - m if invert else m, n_classes))    # `invert`ed data sets keep their mask files inverted
+    return out
+
+def build_seg_dataset_version(base, rows: list, store, out_root=None, name: str | None = None) -> tuple:
+    "Base image + mask pairs + the corrected masks of `rows` (latest per image) in the train split, as a versioned folder. Returns (SegDataset, info)."
+    from PIL import Image
+    from biovis.segment import IMAGE_EXTS, from_seg_folder
+    log = get_logger('pipeline')
+    name = name or base.name
+    stats = dict(rows=len(rows), images=len({r['image_sha'] for r in rows}), added=0, replaced=0, duplicates=0, in_holdout=0, in_valid=0,
+                 missing_image=0, unreadable_image=0, missing_mask=0, unreadable_mask=0, skipped=[])
+    def skip(r, why, err=None):
+        stats[why] += 1
+        stats['skipped'].append(dict(mask_feedback_id=r.get('id'), prediction_id=r.get('prediction_id'), image_sha=r['image_sha'],
+                                     mask_sha=r.get('mask_sha'), reason=why, **({'error': str(err)[:200]} if err else {})))
+    where = {}
+    for i in range(len(base)): where.setdefault(_pixel_hash(base.image(i)), i)
+    new_masks, added = {}, []                                           # base index -> corrected mask; new train pairs
+    for h, (r, ip, png) in _store_pairs(rows, store, len(base.classes), base.invert, skip, stats).items():
+        i = where.get(h)
+        if i is None: added.append((r, ip, png)); stats['added'] += 1
+        elif base.splits[i] == 'train': new_masks[i] = png; stats['replaced'] += 1
+        else: stats['in_holdout' if base.splits[i] == 'test' else 'in_valid'] += 1
+    info = {}
+    def write(tmp):
+        for s in ('train', 'valid', 'test'): (tmp/s/'image').mkdir(parents=True); (tmp/s/'masks').mkdir()
+        for i in range(len(base)):                                      # base pairs: the same files, in their own split
+            ip, mp, s = Path(base.image_paths[i]), Path(base.mask_paths[i]), base.splits[i]
+            stem = f'{i:05d}_{ip.stem}'
+            shutil.copyfile(ip, tmp/s/'image'/f'{stem}{ip.suffix}')
+            if i in new_masks: (tmp/s/'masks'/f'{stem}.png').write_bytes(new_masks[i])
+            else: shutil.copyfile(mp, tmp/s/'masks'/f'{stem}{mp.suffix}')
+        for r, ip, png in added:                                        # corrected pairs: train only
+            stem = f"fb_{r['image_sha'][:16]}"
+            if ip.suffix.lower() in IMAGE_EXTS: shutil.copyfile(ip, tmp/'train'/'image'/f'{stem}{ip.suffix}')
+            else: Image.fromarray(read_image(ip)).save(tmp/'train'/'image'/f'{stem}.png')     # a format folders are not read in
+            (tmp/'train'/'masks'/f'{stem}.png').write_bytes(png)
+        ds = from_seg_folder(tmp, classes=list(base.classes), invert=base.invert, name=name)
+        if len(ds) != len(base) + len(added): raise PipelineError(f'{name}: wrote {len(base) + len(added)} pairs but read back {len(ds)}')
+        info.update(_version_info(ds, base, stats, task='segmentation', invert=base.invert))
+        ds.save_manifest(tmp/'manifest.csv'); write_json(tmp/'info.json', info)
+        return ds.version
+    final = _publish_version(Path(out_root or get_settings().home/'data'/'versions'/name), write)
+    log.info('segmentation dataset %s version %s: %s', name, info['version'][:12], {k: v for k, v in stats.items() if k != 'skipped'})
+    return load_dataset_version(final), dict(info, path=str(final))
+
 
 # %% ../nbs/15_pipeline.ipynb #01c115c6
 def promotion_decision(candidate: float, production: float | None, margin: float = 0.01, metric: str = 'accuracy') -> tuple:
@@ -169,10 +260,12 @@ def promotion_decision(candidate: float, production: float | None, margin: float
 
 def compare_with_production(registry: ModelRegistry, name: str, ev, ds: ImageDataset, margin: float = 0.01,
                             metric: str = 'accuracy') -> dict:
-    "Re-evaluate `name`'s production model on `ds`'s holdout (as `ev` was) and decide on promotion."
+    "Re-evaluate `name`'s production model on `ds`'s holdout (as `ev` was) and decide on promotion (segmentation: `ds` a `SegDataset`, `ev` a `SegEvaluation`)."
     from biovis.evaluate import evaluate
+    seg = getattr(ds, 'task', None) == 'segmentation'
+    if seg: from biovis.segment import load_seg_model, evaluate_seg, SegPredictor
     cand = float(ev.metrics[metric])
-    try: model, meta = registry.load_model(name, 'production')
+    try: model, meta = load_seg_model(registry, name, 'production') if seg else registry.load_model(name, 'production')
     except ModelNotFoundError: model, meta = None, None
     prod, pv = None, None
     if meta is not None:
@@ -180,8 +273,9 @@ def compare_with_production(registry: ModelRegistry, name: str, ev, ds: ImageDat
         if list(meta['classes']) != list(ds.classes):
             return dict(promote=False, reason=f'production {pv} has other classes; promote by hand', metric=metric,
                         candidate=cand, production=None, production_version=pv, margin=margin)
-        pe = evaluate(model, ds, split=ev.split, tta=ev.tta, size=tuple(meta['input_size']), channels=meta['channels'],
-                      trained_on=meta['dataset'].get('train_splits'))
+        if seg: pe = evaluate_seg(SegPredictor(model, meta, device='cpu'), ds, split=ev.metrics['split'], tol=ev.metrics['tol'])
+        else: pe = evaluate(model, ds, split=ev.split, tta=ev.tta, size=tuple(meta['input_size']), channels=meta['channels'],
+                            trained_on=meta['dataset'].get('train_splits'))
         prod = float(pe.metrics[metric])
     ok, why = promotion_decision(cand, prod, margin, metric)
     return dict(promote=ok, reason=why, metric=metric, candidate=cand, production=prod, production_version=pv, margin=margin)
@@ -189,16 +283,20 @@ def compare_with_production(registry: ModelRegistry, name: str, ev, ds: ImageDat
 # %% ../nbs/15_pipeline.ipynb #cbd18e5d
 def register_run(registry: ModelRegistry, name: str, learn, ev, ds: ImageDataset, decision: dict, extra: dict | None = None) -> dict:
     "Register `learn`'s model as the `candidate` of `name` with its holdout metrics; promote it if `decision['promote']`."
-    meta = dict(learn.biovis, metrics=dict(ev.summary(), dataset_version=ds.version), per_class=ev.per_class.to_dict('records'),
-                tta=ev.tta, promotion=decision, **(extra or {}))
-    version = registry.register(name, learn.model, meta, alias='candidate')
+    meta = dict(learn.biovis, metrics=dict(ev.summary(), dataset_version=ds.version), promotion=decision, **(extra or {}))
+    card = None
+    if meta.get('task') == 'segmentation':
+        from biovis.segment import seg_model_card
+        card = seg_model_card(dict(meta, name=name, version='(new)'))
+    else: meta.update(per_class=ev.per_class.to_dict('records'), tta=ev.tta)
+    version = registry.register(name, learn.model, meta, alias='candidate', card=card)
     if decision.get('promote'): registry.promote(name, version)
     return dict(name=name, version=version, promoted=bool(decision.get('promote')), reason=decision.get('reason'),
                 metrics=ev.summary(), dataset_version=ds.version, aliases={k: v for k, v in registry.aliases(name).items() if k != 'history'})
 
 # %% ../nbs/15_pipeline.ipynb #982228ff
 def pipeline_notebook(name: str) -> Path:
-    "Path of a pipeline notebook (`train` or `retrain`) in the checkout's `nbs/pipelines/`."
+    "Path of a pipeline notebook (`train`, `retrain`, `retrain_segment`) in the checkout's `nbs/pipelines/`."
     for root in (get_settings().home, project_root()):
         p = Path(root)/'nbs'/'pipelines'/f'{name}.ipynb'
         if p.exists(): return p
@@ -266,18 +364,51 @@ def _default_name(reg: ModelRegistry) -> str:
     raise ValueError(f'pass the model name (registered: {", ".join(names) or "none"})')
 
 def _base_source(reg: ModelRegistry, name: str):
-    try: meta = reg.metadata(name, 'production')
-    except ModelNotFoundError:
-        try: meta = reg.metadata(name, 'latest')
-        except ModelNotFoundError: return None, None
+    meta = _current_meta(reg, name)
+    if meta is None: return None, None
     d = meta.get('dataset') or {}
     return d.get('base_source') or d.get('source'), meta
 
+def _classification_run(reg, store, name, src, meta, epochs=None, arch=None, tta=True, say=print, **_) -> tuple:
+    "The dataset version of a classification retrain and the notebook's own parameters: (notebook, info, params)."
+    rows = [r for r in store.feedback_rows() if r['model'] == name]
+    base = load_dataset_version(src)
+    if meta is not None and list(base.classes) != list(meta['classes']):
+        raise ValueError(f'base data {base.name} has classes {base.classes}, the model {meta["classes"]}')
+    size = tuple(meta['input_size']) if meta else None
+    ds, info = build_dataset_version(base, rows, store, name=name, size=size or base.native_size)
+    say(f'dataset version {ds.version[:12]}: {info["counts"]}, feedback {info["feedback"]}')
+    return 'retrain', info, dict(arch=arch or (meta or {}).get('arch') or 'cnn_small', epochs=int(epochs or 3), tta=bool(tta))
+
+_SEG_TRAIN_KEYS = ('crop', 'bs', 'lr', 'crops_per_image', 'fg_frac', 'wd', 'dice_weight')
+
+def _segmentation_run(reg, store, name, src, meta, epochs=None, arch=None, tta=True, budget_s=None, say=print, **_) -> tuple:
+    "The dataset version of a segmentation retrain (base pairs + corrected masks) and the notebook's parameters: the base model's training configuration."
+    from biovis.segment import load_seg_dataset
+    if arch not in (None, meta.get('arch')): raise ValueError(f'{name} is a {meta.get("arch")} segmentation model; --arch {arch} does not apply')
+    base = load_seg_dataset(src, invert=bool(meta.get('invert')))
+    if list(base.classes) != list(meta['classes']):
+        raise ValueError(f'base data {base.name} has classes {base.classes}, the model {meta["classes"]}')
+    d, tr = meta.get('dataset') or {}, meta.get('training') or {}
+    recorded = d.get('base_version') or d.get('version')
+    if recorded and recorded != base.version:
+        say(f'warning: the base data {src} is now version {base.version[:12]}, not {recorded[:12]} that {name} was trained on: '
+            'its held-out split may differ from the one production was selected on')
+    ds, info = build_seg_dataset_version(base, store.mask_feedback_rows(model=name), store, name=name)
+    fb = {k: v for k, v in info['feedback'].items() if k != 'skipped'}
+    say(f'dataset version {ds.version[:12]}: {info["counts"]}, corrected masks {fb}')
+    for s in info['feedback']['skipped']: say(f"  skipped the correction {s['mask_feedback_id']} of prediction {s['prediction_id']}: {s['reason']}")
+    cfg = dict({k: tr[k] for k in _SEG_TRAIN_KEYS if tr.get(k) is not None}, width=meta['model_config']['width'],
+               depth=meta['model_config']['depth'], scale=float(meta.get('scale', 1.0)), threshold_metric=meta.get('threshold_metric', 'dice'))
+    return 'retrain_segment', dict(info, base_matches_recorded=recorded in (None, base.version)), dict(
+        epochs=int(epochs or tr.get('epochs') or 20), budget_s=budget_s if budget_s is not None else tr.get('budget_s'),
+        train_config=cfg, tta=bool(tta and meta.get('tta')), tol=int((meta.get('metrics') or {}).get('tol', 2)), base_version=base.version)
+
 def retrain(name: str | None = None, data=None, store=None, registry: ModelRegistry | None = None, threshold: int | None = None,
-            force: bool = False, margin: float = 0.01, metric: str = 'accuracy', epochs: int = 3, arch: str | None = None,
+            force: bool = False, margin: float = 0.01, metric: str | None = None, epochs: int | None = None, arch: str | None = None,
             seed: int = 42, tta: bool = True, notebook=None, reports_dir=None, wait: bool | float = False, dry_run: bool = False,
-            say=print) -> dict:
-    "Retrain `name` from its feedback when due (see `retrain_decision`); returns a summary with `status` skipped/done."
+            budget_s: float | None = None, say=print) -> dict:
+    "Retrain `name` from its feedback when due (see `retrain_decision`): corrected labels, or corrected masks for a segmentation model; returns a summary with `status` skipped/done."
     from biovis.feedback import FeedbackStore
     from biovis.tracking import wandb_settings
     log = get_logger('pipeline')
@@ -287,31 +418,27 @@ def retrain(name: str | None = None, data=None, store=None, registry: ModelRegis
     dec = retrain_decision(store, reg, name, threshold, force)
     say(f'retrain {name}: {"proceed" if dec.proceed else "skip"}: {dec.reason}')
     if not dec.proceed or dry_run: return dict(status='skipped' if not dec.proceed else 'dry-run', decision=dec.to_dict())
+    seg = dec.task == 'segmentation'
     with retrain_lock(name, reg, wait=wait):
         until = datetime.now(timezone.utc).isoformat()
-        rows = [r for r in store.feedback_rows() if r['model'] == name]
         src, meta = _base_source(reg, name)
         src = data or src
         if src is None: raise ValueError(f'no base data for {name}: it has no registered version; pass --data')
-        base = load_dataset_version(src)
-        if meta is not None and list(base.classes) != list(meta['classes']):
-            raise ValueError(f'base data {base.name} has classes {base.classes}, the model {meta["classes"]}')
-        size = tuple(meta['input_size']) if meta else None
-        ds, info = build_dataset_version(base, rows, store, name=name, size=size or base.native_size)
-        say(f'dataset version {ds.version[:12]}: {info["counts"]}, feedback {info["feedback"]}')
+        nb_name, info, params = (_segmentation_run if seg else _classification_run)(
+            reg, store, name, src, meta, epochs=epochs, arch=arch, tta=tta, budget_s=budget_s, say=say)
         run_id = f'{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{name}-{uuid.uuid4().hex[:6]}'
         out = Path(reports_dir or get_settings().reports_dir)/'runs'/run_id
         out.mkdir(parents=True, exist_ok=True)
         ws = wandb_settings()
-        params = dict(data=info['path'], name=name, registry=str(reg.root), arch=arch or (meta or {}).get('arch') or 'cnn_small',
-                      epochs=int(epochs), seed=int(seed), tta=bool(tta), margin=float(margin), metric=metric, run_id=run_id,
-                      wandb_project=ws['project'], wandb_mode=ws['mode'], feedback_until=until, min_feedback=dec.threshold,
-                      base_source=str(info['base']['source']), feedback_url=store.engine.url.render_as_string(hide_password=True),
-                      trigger=dec.to_dict(), dataset_feedback=info['feedback'])
+        params.update(data=info['path'], name=name, registry=str(reg.root), seed=int(seed), margin=float(margin),
+                      metric=metric or ('f1_tol' if seg else 'accuracy'), run_id=run_id, wandb_project=ws['project'], wandb_mode=ws['mode'],
+                      feedback_until=until, min_feedback=dec.threshold, base_source=str(info['base']['source']),
+                      feedback_url=store.engine.url.render_as_string(hide_password=True), trigger=dec.to_dict(), dataset_feedback=info['feedback'])
         write_json(out/'params.json', params)
         snap = _snapshot(reg, name)
-        say(f'running {Path(notebook or pipeline_notebook("retrain")).name} with papermill into {out}')
-        try: run_notebook(notebook or pipeline_notebook('retrain'), out, params)
+        nb = Path(notebook or pipeline_notebook(nb_name))
+        say(f'running {nb.name} with papermill into {out}')
+        try: executed = run_notebook(nb, out, params)
         except BaseException:
             _restore(reg, name, snap)
             log.error('retrain of %s failed; registry restored (versions %s)', name, sorted(snap['versions']))
@@ -319,7 +446,8 @@ def retrain(name: str | None = None, data=None, store=None, registry: ModelRegis
         res = read_json(out/'result.json')
     say(f'registered {name} {res["version"]} as candidate; ' + (f'promoted to production: {res["reason"]}' if res['promoted']
         else f'production unchanged: {res["reason"]}'))
-    return dict(res, status='done', promotion=res.get('decision'), decision=dec.to_dict(), run_dir=str(out), dataset=info)
+    return dict(res, status='done', promotion=res.get('decision'), decision=dec.to_dict(), run_dir=str(out), dataset=info,
+                notebook=str(executed))
 
 # %% ../nbs/15_pipeline.ipynb #961e48d3
 def run_pipeline(notebook: str = 'train', parameters: dict | None = None, reports_dir=None) -> dict:

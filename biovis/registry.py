@@ -198,8 +198,8 @@ class ModelRegistry:
         return n
 
     # --- loading -------------------------------------------------------------------------
-    def load_model(self, name: str, ref: str = 'production', device='cpu'):
-        "Rebuild the model of a version from its metadata and weights (checked against their SHA-256); returns (model, metadata)."
+    def load_model(self, name: str, ref: str = 'production', device='cpu', factory=None):
+        "Rebuild the model of a version from its metadata and weights (checked against their SHA-256); returns (model, metadata). `factory(meta)` builds the empty network of a PyTorch model (default: `create_model` of its `arch`)."
         p = self.path(name, ref); meta = read_json(p/'metadata.json')
         w = p/meta.get('weights', 'model.pt')
         if not w.exists(): raise RegistryError(f'{name} {meta["version"]}: weights file {w.name} is missing')
@@ -211,7 +211,7 @@ class ModelRegistry:
         if meta.get('backend') == 'onnx':
             from .onnx_backend import onnx_session
             return onnx_session(w), meta
-        model = create_model(meta['arch'], len(meta['classes']), meta['channels'], pretrained=False)
+        model = factory(meta) if factory else create_model(meta['arch'], len(meta['classes']), meta['channels'], pretrained=False)
         try: model.load_state_dict(torch.load(w, map_location='cpu', weights_only=True))
         except Exception as e: raise RegistryError(f'{name} {meta["version"]}: cannot load weights: {e}') from None
         return model.to(device).eval(), meta

@@ -6,7 +6,7 @@ U-Net trained with fastai on a Dice + BCE loss, pixel metrics with a tolerance, 
 
 # %% ../nbs/16_segment.ipynb #4678ca61
 from __future__ import annotations
-import hashlib, io, math, time
+import hashlib, io, math, shutil, time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -475,8 +475,8 @@ class TimeBudget(Callback):
 def train_seg(ds: SegDataset, epochs: int = 20, lr: float = 3e-3, bs: int = 16, crop: int = 128, scale: float = 1.0,
               width: int = 16, depth: int = 4, crops_per_image: int = 8, fg_frac: float = 0.5, seed: int = 42, wd: float = 1e-4,
               dice_weight: float = 1.0, budget_s: float | None = None, threshold_metric: str = 'dice', tta: bool = False,
-              device=None, progress: bool = True, deterministic: bool = True) -> Learner:
-    "Train an Attention U-Net on the `train` split of `ds`, selected on `valid`; returns the `Learner` (best epoch restored)."
+              device=None, progress: bool = True, deterministic: bool = True, cbs=None) -> Learner:
+    "Train an Attention U-Net on the `train` split of `ds`, selected on `valid`; returns the `Learner` (best epoch restored). `cbs`: more fastai callbacks (e.g. W&B's)."
     log = get_logger('segment')
     set_seed(seed, deterministic)
     device = device or get_device()
@@ -493,7 +493,7 @@ def train_seg(ds: SegDataset, epochs: int = 20, lr: float = 3e-3, bs: int = 16, 
     model.norm.mean.copy_(torch.tensor(allx.mean(1)).view(1, -1, 1, 1)); model.norm.std.copy_(torch.tensor(allx.std(1)).clamp_min(1e-3).view(1, -1, 1, 1))
     import tempfile as _tf
     path = Path(_tf.mkdtemp(prefix='biovis-seg-'))
-    cbs = [SaveModelCallback(monitor='dice', fname='best', with_opt=False), TimeBudget(budget_s)]
+    cbs = [SaveModelCallback(monitor='dice', fname='best', with_opt=False), TimeBudget(budget_s)] + list(cbs or [])
     learn = Learner(DataLoaders(train_dl, valid_dl, device=device), model, loss_func=DiceBCELoss(dice_weight), opt_func=Adam,
                     metrics=[SegDice()], wd=wd, path=path, model_dir='.', cbs=cbs)
     log.info('training attention_unet (width %d, depth %d) on %s: %d train / %d valid pairs, %d-px crops at scale %s, %d epochs on %s',
@@ -504,7 +504,9 @@ def train_seg(ds: SegDataset, epochs: int = 20, lr: float = 3e-3, bs: int = 16, 
         else:
             with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
     finally:
-        if (path/'best.pth').exists(): learn.load('best', with_opt=False)    # the best epoch, also when stopped early
+        try:
+            if (path/'best.pth').exists(): learn.load('best', with_opt=False)    # the best epoch, also when stopped early
+        finally: shutil.rmtree(path, ignore_errors=True)                          # the checkpoint folder is not needed any more
     secs = time.perf_counter() - t0
     vals = learn.recorder.values
     learn.model.eval()
@@ -660,16 +662,9 @@ def evaluate_seg(pred: SegPredictor, ds: SegDataset, split: str = 'test', tol: i
 # %% ../nbs/16_segment.ipynb #6031bb81
 def load_seg_model(reg: ModelRegistry, name: str, ref: str = 'production', device='cpu'):
     "Rebuild a registered segmentation model from its metadata and weights; returns (model, metadata)."
-    p = reg.path(name, ref); meta = read_json(p/'metadata.json')
+    meta = reg.metadata(name, ref)
     if meta.get('task') != 'segmentation': raise RegistryError(f'{name} {meta["version"]} is a {meta.get("task", "classification")} model, not segmentation')
-    w = p/meta.get('weights', 'model.pt')
-    if not w.exists(): raise RegistryError(f'{name} {meta["version"]}: weights file {w.name} is missing')
-    if meta.get('weights_sha256') and sha256_file(w) != meta['weights_sha256']:
-        raise RegistryError(f'{name} {meta["version"]}: weights do not match their recorded SHA-256 (corrupt or changed)')
-    model = AttentionUNet(**meta['model_config'])
-    try: model.load_state_dict(torch.load(w, map_location='cpu', weights_only=True))
-    except Exception as e: raise RegistryError(f'{name} {meta["version"]}: cannot load weights: {e}') from None
-    return model.to(device).eval(), meta
+    return reg.load_model(name, ref, device, factory=lambda m: AttentionUNet(**m['model_config']))
 
 def seg_model_card(meta: dict) -> str:
     "A Markdown model card for a segmentation version."

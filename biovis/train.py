@@ -5,7 +5,7 @@ schedule, label smoothing, checkpoints and early stop, seeded and reproducible."
 
 # %% ../nbs/03_train.ipynb #6734e09a
 from __future__ import annotations
-import math, time
+import math, shutil, time
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +118,7 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
         x = dls.train.dataset.x.float() / 255
         set_normalization(model, x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).clamp_min(1e-3).tolist())
     model = model.to(memory_format=torch.channels_last)
-    path = Path(checkpoint_dir) if checkpoint_dir else Path(__import__('tempfile').mkdtemp(prefix='biovis-ckpt-'))
+    path = Path(checkpoint_dir) if checkpoint_dir else Path(__import__('tempfile').mkdtemp(prefix='biovis-ckpt-'))   # removed after fitting
     extra_cbs = cbs
     selecting = 'valid' not in train_splits   # with the validation split trained on, keep the last epoch
     cbs = [SaveModelCallback(monitor='accuracy', fname='best', with_opt=False)] if selecting else []
@@ -130,9 +130,12 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
     log.info('training %s on %s: %d train / %d valid images at %dx%d, %d epochs on %s',
              arch, ds.name, len(dls.train.dataset), len(dls.valid.dataset), *size, epochs, device)
     t0 = time.perf_counter()
-    if progress: learn.fit_one_cycle(epochs, lr)
-    else:
-        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
+    try:
+        if progress: learn.fit_one_cycle(epochs, lr)
+        else:
+            with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
+    finally:    # the best epoch's weights are back in the model by now (SaveModelCallback); its file is not needed
+        if not checkpoint_dir: shutil.rmtree(path, ignore_errors=True)
     secs = time.perf_counter() - t0
     best = learn.recorder.values
     learn.biovis = dict(arch=arch, classes=list(ds.classes), input_size=list(size), channels=channels,
