@@ -154,8 +154,7 @@ def _resolve_model(reg: ModelRegistry, model: str | None) -> str:
 def window_predictions(store, model: str, version: str, window: int | None = 200, since=None) -> list:
     "The stored predictions of `model` `version` in the window: the last `window` (since `since` if given), oldest first."
     if window is not None and (not isinstance(window, int) or window < 2): raise DriftError(f'window must be an integer >= 2, not {window!r}')
-    rows = [r for r in store.predictions(since=since, model=model) if r['version'] == version]
-    return rows[-window:] if window else rows
+    return store.predictions(since=since, model=model, version=version, last=window)   # read from the newest end
 
 def drift_check(model: str | None = None, ref: str = 'production', window: int | None = 200, since=None, store=None,
                 registry: ModelRegistry | None = None, out_dir=None, record: bool = True, alpha: float = 0.05,
@@ -166,8 +165,7 @@ def drift_check(model: str | None = None, ref: str = 'production', window: int |
     model = _resolve_model(reg, model); version = reg.resolve(model, ref)
     R = load_reference(model, version, registry=reg)
     store = store or FeedbackStore()
-    rows, probs, feats = _window_arrays(window_predictions(store, model, version, window if since is None else None, since), R)
-    if window and since is not None: rows, probs, feats = rows[-window:], probs[-window:], feats[-window:]
+    rows, probs, feats = _window_arrays(window_predictions(store, model, version, window, since), R)
     if len(rows) < min_n:
         raise DriftError(f'{model} {version}: {len(rows)} predictions with drift features in the window; at least {min_n} are needed')
     rep = drift_test(R, probs, feats, alpha=alpha)
@@ -185,7 +183,7 @@ def drift_history(model: str, ref: str = 'production', window: int = 200, store=
     from biovis.feedback import FeedbackStore
     reg = registry or ModelRegistry(); version = reg.resolve(model, ref)
     R = load_reference(model, version, registry=reg)
-    rows, probs, feats = _window_arrays(window_predictions(store or FeedbackStore(), model, version, None), R)
+    rows, probs, feats = _window_arrays(window_predictions(store or FeedbackStore(), model, version, window * max_windows), R)
     out, ends = [], list(range(len(rows), min_n - 1, -window))[:max_windows][::-1]
     for e in ends:
         s = max(0, e - window)

@@ -433,11 +433,17 @@ def history(self: FeedbackStore, user: str | None = None, limit: int | None = 10
                      write=False)
 
 @patch
-def predictions(self: FeedbackStore, since=None, model: str | None = None, limit: int | None = None) -> list:
-    "Predictions (with their embedding summaries) since `since`, of `model` if given, oldest first."
+def predictions(self: FeedbackStore, since=None, model: str | None = None, limit: int | None = None,
+                version: str | None = None, last: int | None = None) -> list:
+    """Predictions (with their embedding summaries) since `since`, of `model` and `version` if given, oldest first:
+    the first `limit`, or the most recent `last` (read from the newest end, so a long history is not loaded)."""
     q = select(PredictionRecord)
     if since is not None: q = q.where(PredictionRecord.created >= _as_utc(since))
     if model is not None: q = q.where(PredictionRecord.model == model)
+    if version is not None: q = q.where(PredictionRecord.model_version == str(version))
+    if last is not None:
+        q = q.order_by(PredictionRecord.created.desc(), PredictionRecord.id.desc()).limit(max(0, int(last)))
+        return self._run(lambda s: [_pred_dict(p, embedding=True) for p in s.scalars(q)][::-1], write=False)
     q = q.order_by(PredictionRecord.created, PredictionRecord.id)
     if limit is not None: q = q.limit(max(0, int(limit)))
     return self._run(lambda s: [_pred_dict(p, embedding=True) for p in s.scalars(q)], write=False)
