@@ -542,9 +542,10 @@ def _concurrent_load(url: str, png: bytes, n: int, clients: int, keepalive: bool
         bnd = 'biovisbenchboundary'
         body = (f'--{bnd}\r\nContent-Disposition: form-data; name="files"; filename="cell.png"\r\n'
                 f'Content-Type: image/png\r\n\r\n').encode() + png + f'\r\n--{bnd}--\r\n'.encode()
-        f = Path(tempfile.mkdtemp())/'body'; f.write_bytes(body)
-        r = subprocess.run(['ab', '-q', *(['-k'] if keepalive else []), '-n', str(n), '-c', str(clients), '-p', str(f),
-                            '-T', f'multipart/form-data; boundary={bnd}', f'{url}/predict'], capture_output=True, text=True, timeout=600)
+        with tempfile.TemporaryDirectory(prefix='biovis-ab-') as d:
+            f = Path(d)/'body'; f.write_bytes(body)
+            r = subprocess.run(['ab', '-q', *(['-k'] if keepalive else []), '-n', str(n), '-c', str(clients), '-p', str(f),
+                                '-T', f'multipart/form-data; boundary={bnd}', f'{url}/predict'], capture_output=True, text=True, timeout=600)
         rps = float(re.search(r'Requests per second:\s+([0-9.]+)', r.stdout).group(1))
         # ab counts responses of another length than the first as "failed (Length)": they are not failures here
         m = re.search(r'\(Connect: (\d+), Receive: (\d+), Length: \d+, Exceptions: (\d+)\)', r.stdout)
@@ -564,7 +565,7 @@ def _concurrent_load(url: str, png: bytes, n: int, clients: int, keepalive: bool
 def serving_benchmark(model: str | None = None, n_latency: int = 300, n_concurrent: int = 1000, clients: int = 8, rounds: int = 3,
                       out_dir=None, registry: ModelRegistry | None = None, say=print) -> dict:
     "Latency and throughput of the real server against the bare Predictor; writes reports/benchmarks/serving.{json,md}."
-    import socket, subprocess, sys, tempfile, httpx
+    import shutil, socket, subprocess, sys, tempfile, httpx
     from concurrent.futures import ThreadPoolExecutor
     from datetime import datetime, timezone
     from PIL import Image
@@ -579,22 +580,24 @@ def serving_benchmark(model: str | None = None, n_latency: int = 300, n_concurre
 
     def start(workers):
         with socket.socket() as so: so.bind(('127.0.0.1', 0)); port = so.getsockname()[1]
-        home = Path(tempfile.mkdtemp(prefix='biovis-bench-'))
+        home = Path(tempfile.mkdtemp(prefix='biovis-bench-'))       # the server's store and uploads; removed by `stop`
         env = dict(os.environ, BIOVIS_HOME=str(home), BIOVIS_MODELS=str(reg.root), BIOVIS_RATE_LIMIT='0',
                    BIOVIS_DB_URL=f'sqlite:///{home}/biovis.db', GRADIO_ANALYTICS_ENABLED='False')
         proc = subprocess.Popen([str(exe), 'serve', '--port', str(port), '--model', model, '--workers', str(workers)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc.home = home
         url = f'http://127.0.0.1:{port}'
         for _ in range(600):
             try:
                 if httpx.get(url + '/ping', timeout=1).status_code == 200: return proc, url
             except httpx.HTTPError: time.sleep(0.2)
-        proc.kill(); raise RuntimeError('server did not start')
+        stop(proc); raise RuntimeError('server did not start')
 
     def stop(proc):
         proc.terminate()
         try: proc.wait(15)
-        except subprocess.TimeoutExpired: proc.kill()
+        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+        shutil.rmtree(proc.home, ignore_errors=True)
 
     files = lambda: [('files', ('cell.png', png, 'image/png'))]
     def batches(url):

@@ -323,3 +323,24 @@ def test_browser_upload_predict_and_flag(server, sample_ds, tmp_path):
             assert server.db_count('feedback') == n + 1 and row[-1][0] == correct
         b.close()
     assert (art/'demo_flag_0.png').stat().st_size > 10_000
+
+
+def test_serving_benchmark_on_a_small_load(trained, tmp_path):
+    "The code behind reports/benchmarks/serving.json, on a small load: real servers (1 and 2 workers), every request answered and stored, no temporary folder left."
+    import tempfile
+    from biovis.serve import serving_benchmark
+    tmp = Path(tempfile.gettempdir())
+    leftovers = lambda: set(tmp.glob('biovis-bench-*')) | set(tmp.glob('biovis-ab-*'))
+    before = leftovers()
+    res = serving_benchmark('blood', n_latency=10, n_concurrent=40, clients=4, rounds=1, out_dir=tmp_path, registry=trained[0], say=lambda m: None)
+    j = json.loads((tmp_path/'serving.json').read_text())
+    assert j == json.loads(json.dumps(res))
+    for k in ('predict_ms_p50', 'predict_ms_p99', 'concurrent_requests_per_s', 'server_vs_predictor', 'predictor_images_per_s'): assert j[k] > 0, k
+    assert j['predict_ms_p50'] <= j['predict_ms_p99']
+    assert (j['concurrent_ok'], j['concurrent_ok_1_worker'], j['concurrent_ok_new_connections']) == (40, 40, 40)
+    # one round: the ratio is that round's server throughput over the faster of the Predictor's thread settings
+    assert j['server_vs_predictor'] == pytest.approx(j['concurrent_requests_per_s'] / j['predictor_images_per_s'], rel=1e-3)   # runs are rounded to 0.1
+    assert j['predictor_images_per_s'] == max(j['predictor_images_per_s_by_threads'].values())
+    assert j['mean_model_batch_1_worker'] >= 1
+    assert f"**{j['server_vs_predictor']:.2f}**" in (tmp_path/'serving.md').read_text()
+    assert leftovers() - before == set()
