@@ -6,7 +6,7 @@ forward pass, written to `reports/benchmarks/`."""
 
 # %% ../nbs/09_benchmark.ipynb #bdcffff2
 from __future__ import annotations
-import io, os, platform, resource, time
+import dataclasses, io, os, platform, resource, time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 
 from .core import get_settings, write_json, atomic_write, get_logger, git_commit
-from .data import load_dataset, find_bloodmnist, from_npz
+from .data import ImageDataset, load_dataset, find_bloodmnist, from_npz
 from .train import train, predict_proba
 from .evaluate import classification_metrics
 from .registry import ModelRegistry
 from .inference import Predictor
 
 # %% auto #0
-__all__ = ['PUBLISHED', 'time_calls', 'latency_ms', 'serving_figures', 'run_benchmark']
+__all__ = ['PUBLISHED', 'time_calls', 'latency_ms', 'serving_figures', 'calibration_split', 'run_benchmark']
 
 # %% ../nbs/09_benchmark.ipynb #a19947d7
 PUBLISHED = [
@@ -72,12 +72,25 @@ def serving_figures(pred: Predictor, images: np.ndarray, n_latency: int = 300, r
                 predictor_overhead=t['arrays'] / t['bare'] - 1, predictor_overhead_png=t['png'] / t['bare'] - 1,
                 batch=256, predictor_tta=pred.tta)
 
+# %% ../nbs/09_benchmark.ipynb #9ce8f81e
+def calibration_split(ds: ImageDataset, holdout: float = 0.5, seed: int = 0) -> ImageDataset:
+    "A copy of `ds` whose `valid` split keeps a stratified share `holdout` of its images (held out, to fit the temperature on) and gives the rest to `train`."
+    rng, splits = np.random.default_rng(seed), ds.splits.copy()
+    for c in range(len(ds.classes)):
+        ix = rng.permutation(np.flatnonzero((ds.splits == 'valid') & (ds.labels == c)))
+        splits[ix[int(round(holdout * len(ix))):]] = 'train'
+    return dataclasses.replace(ds, splits=splits)
+
+
 # %% ../nbs/09_benchmark.ipynb #67e5d9f3
 def _md_table(res: dict) -> str:
     r = res
+    held = f"; {r['n_calibration']} valid images held out to fit the temperature" if r.get('n_calibration') else ''
+    cal = r.get('calibration') or {}
+    fitted = f"fitted on {cal.get('n')} held-out valid images" if cal.get('fitted_on') else cal.get('note', 'not fitted')
     lines = ['# Classification benchmark: BloodMNIST (28 px), official test split', '',
              f"Measured {r['created']} on {r['machine']}, commit `{r['git_commit']}`. Data: `{r['dataset']}` "
-             f"version `{r['dataset_version'][:16]}`, {r['n_train']} training images (splits {', '.join(r['train_splits'])}) / {r['n_test']} test images. "
+             f"version `{r['dataset_version'][:16]}`, {r['n_train']} training images (splits {', '.join(r['train_splits'])}{held}) / {r['n_test']} test images. "
              f"Model: `{r['arch']}` x {r['ensemble']}, {r['epochs']} epochs, TTA {r['tta']}.", '',
              '| model | test accuracy | test AUC |', '|---|---|---|',
              f"| **biovis `{r['arch']}`** (this run) | **{r['test_accuracy']:.4f}** | **{r['test_auc']:.4f}** |",
@@ -87,6 +100,8 @@ def _md_table(res: dict) -> str:
               f"| training wall time | {r['train_seconds']:.0f} s ({r['torch_threads']} threads) |",
               f"| peak RSS | {r['peak_rss_mb']:.0f} MB |",
               f"| balanced accuracy / macro F1 / ECE | {r['test_balanced_accuracy']:.4f} / {r['test_macro_f1']:.4f} / {r['test_ece']:.4f} |",
+              f"| ECE / NLL before -> after temperature scaling (T = {cal.get('temperature', 1):.3f}, {fitted}) | "
+              f"{r['test_ece_uncalibrated']:.4f} -> {r['test_ece']:.4f} / {r['test_nll_uncalibrated']:.4f} -> {r['test_nll']:.4f} |",
               f"| Predictor single-image latency, PNG (median / p99) | {r['latency_ms_p50']:.2f} / {r['latency_ms_p99']:.2f} ms |",
               f"| Predictor throughput, batch 256, arrays / PNG | {r['images_per_s']:.0f} / {r['images_per_s_png']:.0f} images/s |",
               f"| bare forward pass, batch 256 | {r['bare_images_per_s']:.0f} images/s |",
@@ -96,7 +111,7 @@ def _md_table(res: dict) -> str:
     return '\n'.join(lines) + '\n'
 
 def run_benchmark(data=None, out_dir=None, arch: str = 'cnn_small', epochs: int | None = None, seeds: int = 1,
-                  train_splits=('train', 'valid'),
+                  train_splits=('train', 'valid'), calibration_holdout: float = 0.5,
                   train_budget_s: float = 600, registry: ModelRegistry | None = None, name: str = 'bloodmnist-benchmark',
                   n_latency: int = 300, say=print) -> dict:
     "Train, evaluate and time the default model on full BloodMNIST; write reports/benchmarks/classification.{json,md}."
@@ -107,19 +122,25 @@ def run_benchmark(data=None, out_dir=None, arch: str = 'cnn_small', epochs: int 
     out = Path(out_dir or get_settings().reports_dir/'benchmarks'); out.mkdir(parents=True, exist_ok=True)
     epochs = epochs or 25
     reg = registry or ModelRegistry(get_settings().models_dir)
+    fit_ds, fit_splits = ds, tuple(train_splits)
+    if 'valid' in fit_splits and calibration_holdout > 0:     # part of valid held out, for the temperature
+        fit_ds, fit_splits = calibration_split(ds, calibration_holdout), tuple(s for s in fit_splits if s != 'valid') or ('train',)
+    n_train, n_cal = int(np.isin(fit_ds.splits, fit_splits).sum()), int(0 if 'valid' in fit_splits else (fit_ds.splits == 'valid').sum())
     t0 = time.perf_counter(); learners = []
     for s in range(seeds):
-        say(f'training {arch} seed {s} for {epochs} epochs on {int(np.isin(ds.splits, train_splits).sum())} images ...')
-        learners.append(train(ds, arch=arch, epochs=epochs, seed=42 + s, train_splits=train_splits))
+        say(f'training {arch} seed {s} for {epochs} epochs on {n_train} images ({n_cal} valid images held out for calibration) ...')
+        learners.append(train(fit_ds, arch=arch, epochs=epochs, seed=42 + s, train_splits=fit_splits))
     train_s = time.perf_counter() - t0
     if train_s > train_budget_s: log.warning('training took %.0f s, over the budget of %.0f s', train_s, train_budget_s)
     x, y = ds.tensors('test')
-    p_tta = np.mean([predict_proba(l.model, x, tta=True) for l in learners], 0)
-    p_plain = np.mean([predict_proba(l.model, x, tta=False) for l in learners], 0)
-    m, m0 = classification_metrics(y, p_tta, ds.classes), classification_metrics(y, p_plain, ds.classes)
-    say(f'test accuracy {m["accuracy"]:.4f} AUC {m["auc"]:.4f} (without TTA {m0["accuracy"]:.4f} / {m0["auc"]:.4f})')
+    temps = [l.biovis['calibration']['temperature'] for l in learners]
+    probs = lambda tta, cal: np.mean([predict_proba(l.model, x, tta=tta, temperature=t if cal else 1) for l, t in zip(learners, temps)], 0)
+    m, m0, mu = [classification_metrics(y, probs(tta, cal), ds.classes) for tta, cal in ((True, True), (False, True), (True, False))]
+    say(f'test accuracy {m["accuracy"]:.4f} AUC {m["auc"]:.4f} (without TTA {m0["accuracy"]:.4f} / {m0["auc"]:.4f}); '
+        f'ECE {mu["ece"]:.4f} -> {m["ece"]:.4f} at temperature {temps[0]:.3f}')
     learn = learners[0]
-    v = reg.register(name, learn.model, dict(learn.biovis, metrics={k: m[k] for k in ('accuracy', 'auc', 'macro_f1', 'ece', 'n')},
+    v = reg.register(name, learn.model, dict(learn.biovis, metrics={k: m[k] for k in ('accuracy', 'auc', 'macro_f1', 'ece', 'nll', 'n')} |
+                                                                 dict(ece_uncalibrated=mu['ece'], nll_uncalibrated=mu['nll']),
                                              per_class=m['per_class'].to_dict('records'), tta=True))
     pred = Predictor.from_registry(name, v, registry=reg, device='cpu')
     say('timing the Predictor ...')
@@ -127,9 +148,11 @@ def run_benchmark(data=None, out_dir=None, arch: str = 'cnn_small', epochs: int 
     res = dict(created=datetime.now(timezone.utc).isoformat(timespec='seconds'), git_commit=git_commit(),
                machine=f'{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}',
                torch_threads=torch.get_num_threads(), dataset=ds.name, dataset_version=ds.version,
-               n_train=int(np.isin(ds.splits, train_splits).sum()), train_splits=list(train_splits), n_test=int(len(y)), arch=arch, ensemble=seeds, epochs=epochs, tta=True,
+               n_train=n_train, train_splits=list(train_splits), n_calibration=n_cal, n_test=int(len(y)), arch=arch, ensemble=seeds, epochs=epochs, tta=True,
                test_accuracy=m['accuracy'], test_auc=m['auc'], test_balanced_accuracy=m['balanced_accuracy'],
                test_macro_f1=m['macro_f1'], test_ece=m['ece'], test_accuracy_no_tta=m0['accuracy'], test_auc_no_tta=m0['auc'],
+               test_ece_uncalibrated=mu['ece'], test_nll=m['nll'], test_nll_uncalibrated=mu['nll'], test_ece_no_tta=m0['ece'],
+               temperature=temps[0] if seeds == 1 else temps, calibration=learn.biovis['calibration'],
                train_seconds=train_s, train_budget_seconds=train_budget_s, peak_rss_mb=_peak_rss_mb(), **sv,
                per_class=m['per_class'].to_dict('records'),
                published=[dict(model=n, accuracy=a, auc=u) for n, a, u in PUBLISHED],

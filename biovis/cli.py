@@ -88,7 +88,7 @@ def cmd_evaluate(a):
     if ds.classes != meta['classes']:
         raise ValueError(f'data set classes {ds.classes} differ from the model\'s {meta["classes"]}')
     ev = evaluate(model, ds, split=a.split, tta=a.tta, size=tuple(meta['input_size']), channels=meta['channels'],
-                  trained_on=meta['dataset'].get('train_splits'))
+                  trained_on=meta['dataset'].get('train_splits'), temperature=(meta.get('calibration') or {}).get('temperature', 1.0))
     print(f'{a.model} {meta["version"]} on {ds.name} [{a.split}] (dataset {ds.version[:12]}):')
     for k, v in ev.summary().items(): print(f'  {k:<18} {v}')
     print(ev.per_class.round(4).to_string(index=False))

@@ -16,8 +16,8 @@ from .data import ImageDataset
 from .train import predict_proba
 
 # %% auto #0
-__all__ = ['calibration_bins', 'expected_calibration_error', 'classification_metrics', 'Evaluation', 'evaluate', 'plot_confusion',
-           'plot_reliability', 'plot_per_class', 'plot_top_losses']
+__all__ = ['calibration_bins', 'expected_calibration_error', 'classification_metrics', 'Evaluation', 'calibrated_metrics',
+           'evaluate', 'plot_confusion', 'plot_reliability', 'plot_per_class', 'plot_top_losses']
 
 # %% ../nbs/04_evaluate.ipynb #18af676f
 def calibration_bins(y_true, probs, n_bins: int = 15) -> pd.DataFrame:
@@ -38,6 +38,8 @@ def expected_calibration_error(y_true, probs, n_bins: int = 15) -> float:
     t = calibration_bins(np.asarray(y_true), np.asarray(probs), n_bins)
     t = t[t['count'] > 0]
     return float((t['count'] * (t['accuracy'] - t['confidence']).abs()).sum() / max(t['count'].sum(), 1))
+
+def _nll(y, probs) -> float: return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1)).mean())
 
 def _auc(y, probs, n):
     present = np.unique(y)
@@ -64,7 +66,7 @@ def classification_metrics(y_true, probs, classes: list) -> dict:
                 balanced_accuracy=float(skm.balanced_accuracy_score(y, pred)),
                 macro_f1=float(skm.f1_score(y, pred, labels=labels, average='macro', zero_division=0)),
                 auc=auc, ece=expected_calibration_error(y, probs),
-                nll=float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1)).mean()),
+                nll=_nll(y, probs),
                 per_class=per_class, confusion=skm.confusion_matrix(y, pred, labels=labels))
 
 # %% ../nbs/04_evaluate.ipynb #1faf31d4
@@ -102,9 +104,18 @@ class Evaluation:
         return (f"Evaluation({self.split}, n={m['n']}, accuracy={m['accuracy']:.4f}, auc={m['auc']:.4f}, "
                 f"macro_f1={m['macro_f1']:.4f}, ece={m['ece']:.4f}, tta={self.tta})")
 
+def calibrated_metrics(y, probs_at, temperature: float, classes: list) -> tuple:
+    "(`classification_metrics` of the probabilities `probs_at(temperature)`, with the ECE and NLL of `probs_at(1)` as `ece_uncalibrated` and `nll_uncalibrated`; those probabilities)."
+    probs = probs_at(temperature)
+    m = classification_metrics(y, probs, classes)
+    raw = probs_at(1.0) if temperature != 1 else probs      # the same ranking: only ECE and NLL differ
+    m.update(temperature=float(temperature), ece_uncalibrated=expected_calibration_error(y, raw) if temperature != 1 else m['ece'],
+             nll_uncalibrated=_nll(y, raw))
+    return m, probs
+
 def evaluate(model, ds: ImageDataset, split: str = 'test', tta: bool = False, size=None, channels=None,
-             bs: int = 256, trained_on=None) -> Evaluation:
-    "Evaluate `model` (Learner or module) on `split` of `ds`; `tta` averages the 8 dihedral views."
+             bs: int = 256, trained_on=None, temperature: float | None = None) -> Evaluation:
+    "Evaluate `model` (Learner or module) on `split` of `ds`, its probabilities at `temperature` (default: the model's fitted one, else 1); `tta` averages the 8 dihedral views."
     meta = getattr(model, 'biovis', None) or {}
     trained_on = trained_on or meta.get('dataset', {}).get('train_splits', ['train'])
     if split in trained_on: raise ValueError(f'refusing to evaluate on {split!r}: the model was trained on it')
@@ -112,8 +123,9 @@ def evaluate(model, ds: ImageDataset, split: str = 'test', tta: bool = False, si
     size = size or meta.get('input_size') or ds.native_size
     x, y = ds.tensors(split, tuple(size) if isinstance(size, list) else size, channels or meta.get('channels'))
     if len(y) == 0: raise ValueError(f'split {split!r} of {ds.name} is empty')
-    probs = predict_proba(net, x, bs=bs, tta=tta)
-    return Evaluation(classification_metrics(y, probs, ds.classes), list(ds.classes), y, probs, split, tta, ds.version)
+    t = float(temperature if temperature is not None else (meta.get('calibration') or {}).get('temperature', 1.0))
+    m, probs = calibrated_metrics(y, lambda t: predict_proba(net, x, bs=bs, tta=tta, temperature=t), t, ds.classes)
+    return Evaluation(m, list(ds.classes), y, probs, split, tta, ds.version)
 
 # %% ../nbs/04_evaluate.ipynb #66671028
 def plot_confusion(ev: Evaluation, normalize: bool = True):

@@ -82,6 +82,11 @@ class Predictor:
         return p
 
     @property
+    def temperature(self) -> float:
+        "The temperature this Predictor divides the logits by: `calibration` in the metadata; 1 for a model registered without one, or whose graph applies it (`in_graph`, an ONNX export)."
+        cal = self.meta.get('calibration') or {}
+        return 1.0 if cal.get('in_graph') else float(cal.get('temperature', 1.0))
+    @property
     def name(self) -> str: return self.meta.get('name', '?')
     @property
     def version(self) -> str: return self.meta.get('version', '?')
@@ -101,7 +106,8 @@ class Predictor:
 
     def predict_proba(self, srcs) -> np.ndarray:
         "Class probabilities (N x classes) for a list of inputs."
-        return predict_proba(self.model, self._preprocess_all(srcs), bs=self.batch_size, tta=self.tta, device=self.device)
+        return predict_proba(self.model, self._preprocess_all(srcs), bs=self.batch_size, tta=self.tta, device=self.device,
+                             temperature=self.temperature)
 
     def _wrap(self, p) -> Prediction:
         i = int(p.argmax())
@@ -157,7 +163,7 @@ def explain(self: Predictor, src, target: int | None = None):
     heat, t = gradcam(self.model, x, target)
     from PIL import Image as _I
     heat = np.asarray(_I.fromarray((heat * 255).astype(np.uint8)).resize((img.shape[1], img.shape[0]), _I.BILINEAR)) / 255.
-    return heat, img, self._wrap(predict_proba(self.model, a[None], tta=self.tta, device=self.device)[0])
+    return heat, img, self._wrap(predict_proba(self.model, a[None], tta=self.tta, device=self.device, temperature=self.temperature)[0])
 
 # %% ../nbs/06_inference.ipynb #550112b3
 IMAGE_STATS = ('height', 'width', 'channels', 'brightness', 'contrast', 'sharpness')
@@ -206,7 +212,7 @@ def features(self: Predictor, x: np.ndarray, reduce: bool = True):
         with _TAP_LOCK:
             if not hasattr(self, '_tap'): self._tap = _FeatureTap(self.model)
     with self._tap.capture() as got:
-        probs = predict_proba(self.model, x, bs=self.batch_size, tta=self.tta, device=self.device)
+        probs = predict_proba(self.model, x, bs=self.batch_size, tta=self.tta, device=self.device, temperature=self.temperature)
     if not got: return probs, np.zeros((len(x), 0), np.float32)
     # with TTA each batch runs 8 views in turn: average them
     e = torch.cat([torch.stack(got[i:i + 8]).mean(0) for i in range(0, len(got), 8)] if self.tta else got).numpy()

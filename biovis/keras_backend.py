@@ -11,14 +11,15 @@ import numpy as np
 
 from .core import get_logger, sha256_file
 from .data import ImageDataset, MAX_BYTES, read_image, to_model_input
-from .evaluate import Evaluation, classification_metrics
+from .evaluate import Evaluation, classification_metrics, calibrated_metrics
+from .train import calibrate, temper
 from .registry import ModelRegistry, RegistryError, model_card
 from .inference import Predictor
 
 # %% auto #0
 __all__ = ['PREPROCESS', 'KERAS_ARCHS', 'KERAS_SUFFIXES', 'KerasBackendError', 'KerasImportError', 'ExplainNotSupported',
-           'apply_preprocess', 'keras_cnn_small', 'keras_mobilenetv2', 'train_keras', 'keras_predict_proba',
-           'evaluate_keras', 'load_keras_model', 'register_keras', 'import_keras_model', 'train_and_register_keras',
+           'apply_preprocess', 'keras_cnn_small', 'keras_mobilenetv2', 'keras_predict_proba', 'evaluate_keras',
+           'train_keras', 'load_keras_model', 'register_keras', 'import_keras_model', 'train_and_register_keras',
            'KerasPredictor', 'keras_benchmark']
 
 # %% ../nbs/17_keras.ipynb #6eb6b902
@@ -92,6 +93,38 @@ def keras_mobilenetv2(n_classes: int, channels: int = 3, size=(28, 28), alpha: f
     return keras.Model(inp, L.Dense(n_classes, activation='softmax', name='probs')(x), name='mobilenetv2')
 
 KERAS_ARCHS = {'cnn_small': keras_cnn_small, 'mobilenetv2': keras_mobilenetv2}
+
+# %% ../nbs/17_keras.ipynb #806a683a
+def _np(t) -> np.ndarray: return t.numpy() if hasattr(t, 'numpy') else np.asarray(t)
+
+def _as_probs(out) -> np.ndarray:
+    out = _np(out).astype(np.float32).reshape(len(out), -1)
+    if out.size and (out.min() < 0 or np.abs(out.sum(1) - 1).max() > 1e-3):      # logits: softmax them
+        e = np.exp(out - out.max(1, keepdims=True)); out = e / e.sum(1, keepdims=True)
+    return out
+
+def _views(x, tta):
+    if not tta: return [x]
+    vs = [np.rot90(x, k, (1, 2)) for k in range(4)] if x.shape[1] == x.shape[2] else [x]
+    return vs + [v[:, :, ::-1] for v in vs]
+
+def keras_predict_proba(model, x: np.ndarray, preprocess: str = 'scale', bs: int = 256, tta: bool = False, temperature: float = 1.0) -> np.ndarray:
+    "Softmax probabilities (N x classes) of a Keras `model` for uint8 images `x` (N x H x W x C), at `temperature` (see `biovis.train.temper`)."
+    out = []
+    for i in range(0, len(x), bs):
+        views = _views(x[i:i + bs], tta)
+        out.append(np.mean([temper(_as_probs(model(apply_preprocess(np.ascontiguousarray(v), preprocess), training=False)), temperature)
+                            for v in views], 0))
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+def evaluate_keras(model, ds: ImageDataset, meta: dict, split: str = 'test', tta: bool = False) -> Evaluation:
+    "Metrics of a Keras `model` (with its registry `meta`) on `split` of `ds`."
+    if split in meta.get('dataset', {}).get('train_splits', []): raise ValueError(f'refusing to evaluate on {split!r}: the model was trained on it')
+    x, y = ds.tensors(split, tuple(meta['input_size']), meta['channels'])
+    if len(y) == 0: raise ValueError(f'split {split!r} of {ds.name} is empty')
+    t = float((meta.get('calibration') or {}).get('temperature', 1.0))
+    m, probs = calibrated_metrics(y, lambda t: keras_predict_proba(model, x, meta.get('preprocess', 'scale'), tta=tta, temperature=t), t, ds.classes)
+    return Evaluation(m, list(ds.classes), y, probs, split, tta, ds.version)
 
 # %% ../nbs/17_keras.ipynb #e7b16e5e
 def _augment(tf, x, jitter: float = 0.2):
@@ -174,6 +207,8 @@ def train_keras(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr:
     hist = model.fit(train_data, validation_data=valid_data, epochs=(epochs or 10_000) if budget_s else epochs,
                      callbacks=cbs, verbose=1 if progress else 0, shuffle=False)
     secs = time.perf_counter() - t0
+    log_probs = lambda x: np.log(np.clip(keras_predict_proba(model, x), 1e-38, None))    # softmax outputs: their logs are logits up to a constant
+    cal = calibrate(log_probs, ds, valid_split, train_splits, size, ds.channels)
     meta = dict(arch=f'keras_{arch}', backend='keras', classes=list(ds.classes), input_size=list(size), channels=ds.channels,
                 preprocess='scale', preprocessing=dict(resize='PIL bilinear', scale='1/255', normalize='inside the model'),
                 dataset=dict(name=ds.name, version=ds.version, source=ds.source, train_splits=list(train_splits),
@@ -182,38 +217,8 @@ def train_keras(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr:
                               augment=augment, budget_s=budget_s, seconds=round(secs, 2), device='cpu',
                               best_valid_accuracy=float(sched.best) if sched.best >= 0 else None,
                               history={k: [float(v) for v in vs] for k, vs in hist.history.items()}),
-                tensorflow_version=tf.__version__, keras_version=keras.__version__, params=int(model.count_params()))
+                calibration=cal, tensorflow_version=tf.__version__, keras_version=keras.__version__, params=int(model.count_params()))
     return model, meta
-
-# %% ../nbs/17_keras.ipynb #806a683a
-def _np(t) -> np.ndarray: return t.numpy() if hasattr(t, 'numpy') else np.asarray(t)
-
-def _as_probs(out) -> np.ndarray:
-    out = _np(out).astype(np.float32).reshape(len(out), -1)
-    if out.size and (out.min() < 0 or np.abs(out.sum(1) - 1).max() > 1e-3):      # logits: softmax them
-        e = np.exp(out - out.max(1, keepdims=True)); out = e / e.sum(1, keepdims=True)
-    return out
-
-def _views(x, tta):
-    if not tta: return [x]
-    vs = [np.rot90(x, k, (1, 2)) for k in range(4)] if x.shape[1] == x.shape[2] else [x]
-    return vs + [v[:, :, ::-1] for v in vs]
-
-def keras_predict_proba(model, x: np.ndarray, preprocess: str = 'scale', bs: int = 256, tta: bool = False) -> np.ndarray:
-    "Softmax probabilities (N x classes) of a Keras `model` for uint8 images `x` (N x H x W x C)."
-    out = []
-    for i in range(0, len(x), bs):
-        views = _views(x[i:i + bs], tta)
-        out.append(np.mean([_as_probs(model(apply_preprocess(np.ascontiguousarray(v), preprocess), training=False)) for v in views], 0))
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-def evaluate_keras(model, ds: ImageDataset, meta: dict, split: str = 'test', tta: bool = False) -> Evaluation:
-    "Metrics of a Keras `model` (with its registry `meta`) on `split` of `ds`."
-    if split in meta.get('dataset', {}).get('train_splits', []): raise ValueError(f'refusing to evaluate on {split!r}: the model was trained on it')
-    x, y = ds.tensors(split, tuple(meta['input_size']), meta['channels'])
-    if len(y) == 0: raise ValueError(f'split {split!r} of {ds.name} is empty')
-    probs = keras_predict_proba(model, x, meta.get('preprocess', 'scale'), tta=tta)
-    return Evaluation(classification_metrics(y, probs, ds.classes), list(ds.classes), y, probs, split, tta, ds.version)
 
 # %% ../nbs/17_keras.ipynb #82672055
 KERAS_SUFFIXES = ('.keras', '.h5', '.hdf5')
@@ -354,7 +359,7 @@ class KerasPredictor(Predictor):
                 if fm is not None:
                     o, e = fm(xin, training=False); es.append(_np(e).astype(np.float32).reshape(len(v), -1))
                 else: o = self.model(xin, training=False)
-                ps.append(_as_probs(o))
+                ps.append(temper(_as_probs(o), self.temperature))
             probs.append(np.mean(ps, 0)); embs.append(np.mean(es, 0) if es else np.zeros((len(views[0]), 0), np.float32))
         if not probs: return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
         return np.concatenate(probs), np.concatenate(embs)

@@ -14,6 +14,7 @@ from .core import get_logger, read_json
 from .data import MAX_BYTES
 from .registry import ModelRegistry, RegistryError
 from .inference import Predictor, fuse_conv_bn
+from .train import temper
 
 # %% auto #0
 __all__ = ['OnnxBackendError', 'export_onnx', 'onnx_session', 'register_onnx', 'OnnxPredictor']
@@ -28,22 +29,22 @@ def _ort():
     return ort
 
 class _ProbsAndEmbedding(torch.nn.Module):
-    "Wraps a classifier: returns (softmax probabilities, input of its last linear layer)."
-    def __init__(self, model: torch.nn.Module):
+    "Wraps a classifier: returns (softmax probabilities of the logits / `temperature`, input of its last linear layer)."
+    def __init__(self, model: torch.nn.Module, temperature: float = 1.0):
         super().__init__()
-        self.model = model
+        self.model, self.temperature = model, float(temperature)
         lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         if not lins: raise ValueError('the model has no linear layer to take an embedding from')
         self._emb = None
         lins[-1].register_forward_pre_hook(lambda m, inp: setattr(self, '_emb', inp[0]))
     def forward(self, x):
-        p = torch.softmax(self.model(x), 1)
+        p = torch.softmax(self.model(x) / self.temperature, 1)
         return p, self._emb.flatten(1)
 
 def export_onnx(model: torch.nn.Module, meta: dict, path, opset: int = 18) -> Path:
-    "Write `model` (a classifier with `meta`'s input size and channels) as an ONNX file at `path` (atomically)."
+    "Write `model` (a classifier with `meta`'s input size, channels and calibration temperature) as an ONNX file at `path` (atomically)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    w = _ProbsAndEmbedding(fuse_conv_bn(model).cpu().float()).eval()
+    w = _ProbsAndEmbedding(fuse_conv_bn(model).cpu().float(), (meta.get('calibration') or {}).get('temperature', 1.0)).eval()
     x = torch.rand(2, int(meta['channels']), *meta['input_size'])
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     import warnings
@@ -85,6 +86,7 @@ def register_onnx(name: str, ref: str = 'production', dest: str | None = None, r
         keep = {k: v for k, v in meta.items() if k not in ('name', 'version', 'created', 'weights', 'weights_sha256', 'backend')}
         new = dict(keep, backend='onnx', source=dict(model=name, version=meta['version'], weights_sha256=meta.get('weights_sha256')),
                    onnxruntime_version=_ort().__version__)
+        if meta.get('calibration'): new['calibration'] = dict(meta['calibration'], in_graph=True)     # the graph applies it
         v = reg.register(dest, None, new, alias=alias, weights_file=f, extra_files=extra)
         if out is not None: shutil.copyfile(f, out)
     return dest, v, reg.path(dest, v)/'model.onnx'
@@ -105,7 +107,8 @@ class OnnxPredictor(Predictor):
             xb = np.ascontiguousarray(x[i:i + self.batch_size].transpose(0, 3, 1, 2), dtype=np.float32) / 255
             views = [xb] if not self.tta else [np.rot90(xb, k, (2, 3)) for k in range(4)] + [np.rot90(xb[..., ::-1], k, (2, 3)) for k in range(4)]
             outs = [self.session.run(None, {'image': np.ascontiguousarray(v)}) for v in views]
-            probs.append(np.mean([o[0] for o in outs], 0)); embs.append(np.mean([o[1] for o in outs], 0))
+            # a temperature the graph does not apply itself (see `Predictor.temperature`), per view, as torch does on the logits
+            probs.append(np.mean([temper(o[0], self.temperature) for o in outs], 0)); embs.append(np.mean([o[1] for o in outs], 0))
         if not probs: return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
         return np.concatenate(probs), np.concatenate(embs)
 

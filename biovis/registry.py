@@ -219,7 +219,7 @@ class ModelRegistry:
 # %% ../nbs/05_registry.ipynb #5a0384be
 def model_card(meta: dict) -> str:
     "A Markdown model card from a version's metadata."
-    m, ds, tr = meta.get('metrics', {}), meta.get('dataset', {}), meta.get('training', {})
+    m, ds, tr, cal = meta.get('metrics', {}), meta.get('dataset', {}), meta.get('training', {}), meta.get('calibration') or {}
     lines = [f"# Model card: {meta.get('name')} {meta.get('version')}", '',
              f"- **Task**: {meta.get('task', 'classification')} of {len(meta['classes'])} classes: {', '.join(meta['classes'])}",
              f"- **Architecture**: `{meta['arch']}` ({meta.get('backend', 'fastai')}), input {meta['input_size']} px, {meta['channels']} channel(s)",
@@ -227,11 +227,14 @@ def model_card(meta: dict) -> str:
              f"- **Training data**: `{ds.get('name')}` version `{ds.get('version', '')[:16]}`, splits {ds.get('train_splits')}, "
              f"{ds.get('n_train')} training / {ds.get('n_valid')} validation images",
              f"- **Training**: {tr.get('epochs_run')} of {tr.get('epochs')} epochs, lr {tr.get('lr')}, batch {tr.get('bs')}, seed {tr.get('seed')}, "
-             f"{tr.get('seconds')} s on {tr.get('device')}", '']
+             f"{tr.get('seconds')} s on {tr.get('device')}",
+             '- **Probabilities**: ' + (f"softmax of the logits / T, T = {cal['temperature']:.4f} fitted on the `{cal['fitted_on']}` split "
+                                        f"(NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f})" if cal.get('fitted_on') else
+                                        f"softmax of the logits, not calibrated{' (' + cal['note'] + ')' if cal.get('note') else ''}"), '']
     if m:
         lines += [f"## Performance on the held-out `{m.get('split', 'test')}` split (n = {m.get('n')}, TTA {m.get('tta')})", '',
                   '| metric | value |', '|---|---|']
-        lines += [f'| {k} | {m[k]:.4f} |' for k in ('accuracy', 'balanced_accuracy', 'macro_f1', 'auc', 'ece', 'nll') if k in m]
+        lines += [f'| {k} | {m[k]:.4f} |' for k in ('accuracy', 'balanced_accuracy', 'macro_f1', 'auc', 'ece', 'ece_uncalibrated', 'nll', 'nll_uncalibrated') if k in m]
         pc = meta.get('per_class')
         if pc:
             lines += ['', '| class | precision | recall | F1 | AUC | support |', '|---|---|---|---|---|---|']

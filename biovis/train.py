@@ -27,7 +27,8 @@ from .data import ImageDataset, load_dataset
 from .models import ARCHS, create_model, set_normalization
 
 # %% auto #0
-__all__ = ['ArrayDataset', 'ArrayDL', 'make_dls', 'random_affine', 'color_jitter', 'MicroscopyAug', 'train', 'predict_proba']
+__all__ = ['ArrayDataset', 'ArrayDL', 'make_dls', 'random_affine', 'color_jitter', 'MicroscopyAug', 'predict_logits',
+           'predict_proba', 'temper', 'nll', 'fit_temperature', 'calibrate', 'train']
 
 # %% ../nbs/03_train.ipynb #67c3bd46
 class ArrayDataset:
@@ -98,13 +99,79 @@ class MicroscopyAug(Callback):
         x = random_affine(self.xb[0], self.rotate, self.shift, self.scale)
         self.learn.xb = (color_jitter(x, self.jitter).contiguous(memory_format=torch.channels_last),)
 
+# %% ../nbs/03_train.ipynb #1ba9f76c
+def _dihedral(x, k):
+    if k >= 4: x = x.flip(3)
+    return torch.rot90(x, k % 4, (2, 3))
+
+@torch.no_grad()
+def _run_batches(model, x: np.ndarray, bs: int, device, head) -> np.ndarray:
+    "`head(xb)` of each batch of `uint8` images `x` (N x H x W x C, scaled to [0, 1]) in eval mode, concatenated."
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    if was_training: model.eval()
+    out = []
+    try:
+        for i in range(0, len(x), bs):
+            xb = torch.from_numpy(np.ascontiguousarray(x[i:i + bs])).to(device).permute(0, 3, 1, 2).float().div_(255)
+            out.append(head(xb.contiguous(memory_format=torch.channels_last)).float().cpu())
+    finally:
+        if was_training: model.train()
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+def predict_logits(model, x: np.ndarray, bs: int = 256, device=None) -> np.ndarray:
+    "The class scores before the softmax (logits) of `model` for `uint8` images `x` (N x H x W x C)."
+    return _run_batches(model, x, bs, device, model)
+
+def predict_proba(model, x: np.ndarray, bs: int = 256, tta: bool = False, device=None, temperature: float = 1.0) -> np.ndarray:
+    "Probabilities of `model` for `uint8` images `x` (N x H x W x C): softmax(logits / `temperature`); `tta` averages the 8 dihedral views."
+    t = float(temperature)
+    p = lambda xb: F.softmax(model(xb) / t, 1)
+    return _run_batches(model, x, bs, device, (lambda xb: torch.stack([p(_dihedral(xb, k)) for k in range(8)]).mean(0)) if tta else p)
+
+
+# %% ../nbs/03_train.ipynb #a7d8dcc1
+def temper(probs: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    "Softmax probabilities `probs` (N x classes) at temperature `temperature`: softmax(log(probs) / T), equal to softmax(logits / T)."
+    if temperature == 1: return probs
+    z = np.log(np.clip(probs, 1e-38, None).astype(np.float64)) / float(temperature)
+    e = np.exp(z - z.max(1, keepdims=True))
+    return (e / e.sum(1, keepdims=True)).astype(probs.dtype)
+
+def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
+    "Mean negative log-likelihood of labels `y` under softmax(`logits` / `temperature`)."
+    z = np.asarray(logits, np.float64) / temperature
+    z = z - z.max(1, keepdims=True)
+    return float((np.log(np.exp(z).sum(1)) - z[np.arange(len(z)), np.asarray(y, int)]).mean())
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(0.05, 20.0)) -> float:
+    "The temperature T in `bounds` minimising `nll` of `logits` and labels `y` (bounded search in log T, deterministic); 1 unless it lowers the NLL."
+    from scipy.optimize import minimize_scalar
+    if len(y) == 0: raise ValueError('no held-out images to fit a temperature on')
+    logits = np.asarray(logits, np.float64)
+    r = minimize_scalar(lambda lt: nll(logits, y, math.exp(lt)), bounds=tuple(map(math.log, bounds)), method='bounded',
+                        options=dict(xatol=1e-5))
+    t = math.exp(r.x)
+    return t if nll(logits, y, t) < nll(logits, y) else 1.0
+
+def calibrate(logits_of, ds: ImageDataset, split: str | None = 'valid', train_splits=('train',), size=None, channels=None) -> dict:
+    "A model's `calibration` metadata: the temperature fitted on `split` of `ds`, `logits_of(x)` giving the logits (or log-probabilities) of `uint8` images `x`; T = 1 with a note when `split` is None, empty or trained on."
+    none = lambda why: dict(method='temperature', temperature=1.0, fitted_on=None, note=why)
+    if split is None: return none('not calibrated')
+    if split in train_splits: return none(f'the {split} split was trained on: no held-out images to fit on')
+    x, y = ds.tensors(split, size, channels)
+    if not len(y): return none(f'the {split} split is empty')
+    z = logits_of(x); t = fit_temperature(z, y)
+    return dict(method='temperature', temperature=t, fitted_on=split, n=int(len(y)), nll_before=nll(z, y), nll_after=nll(z, y, t))
+
+
 # %% ../nbs/03_train.ipynb #b38f115d
 def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float = 4e-3, bs: int = 128,
           size: int | None = None, seed: int = 42, pretrained: bool = True, wd: float = 5e-4,
           label_smoothing: float = 0.1, augment: bool = True, patience: int | None = None,
           train_splits=('train',), checkpoint_dir=None, device=None, progress: bool = True,
-          deterministic: bool = True, cbs: list | None = None) -> Learner:
-    "Train `arch` on `ds` with fastai (extra fastai callbacks in `cbs`); returns the `Learner` with the best validation epoch restored."
+          deterministic: bool = True, cbs: list | None = None, calibrate_on: str | None = 'valid') -> Learner:
+    "Train `arch` on `ds` with fastai (extra fastai callbacks in `cbs`); returns the `Learner` with the best validation epoch restored and its temperature fitted on `calibrate_on`."
     log = get_logger('train')
     if arch not in ARCHS: raise ValueError(f'unknown architecture {arch!r}; choose one of {sorted(ARCHS)}')
     set_seed(seed, deterministic)
@@ -138,6 +205,8 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
         if not checkpoint_dir: shutil.rmtree(path, ignore_errors=True)
     secs = time.perf_counter() - t0
     best = learn.recorder.values
+    cal = calibrate(lambda x: predict_logits(learn.model, x), ds, calibrate_on, train_splits, size, channels)
+    log.info('calibration: temperature %.4f (%s)', cal['temperature'], cal.get('note') or f"NLL on {calibrate_on} {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}")
     learn.biovis = dict(arch=arch, classes=list(ds.classes), input_size=list(size), channels=channels,
                         preprocessing=dict(resize='PIL bilinear', scale='1/255', normalize='inside the model'),
                         dataset=dict(name=ds.name, version=ds.version, source=ds.source, train_splits=list(train_splits),
@@ -145,28 +214,6 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
                         training=dict(epochs=epochs, epochs_run=len(best), lr=lr, bs=bs, seed=seed, wd=wd,
                                       label_smoothing=label_smoothing, augment=augment, pretrained=pretrained and ARCHS[arch].pretrained,
                                       seconds=round(secs, 2), device=str(device),
-                                      best_valid_accuracy=float(max(v[2] for v in best)) if best else None))
+                                      best_valid_accuracy=float(max(v[2] for v in best)) if best else None),
+                        calibration=cal)
     return learn
-
-# %% ../nbs/03_train.ipynb #1ba9f76c
-def _dihedral(x, k):
-    if k >= 4: x = x.flip(3)
-    return torch.rot90(x, k % 4, (2, 3))
-
-@torch.no_grad()
-def predict_proba(model, x: np.ndarray, bs: int = 256, tta: bool = False, device=None) -> np.ndarray:
-    "Softmax probabilities of `model` for `uint8` images `x` (N x H x W x C); `tta` averages the 8 dihedral views."
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    if was_training: model.eval()
-    out = []
-    try:
-        for i in range(0, len(x), bs):
-            xb = torch.from_numpy(np.ascontiguousarray(x[i:i + bs])).to(device).permute(0, 3, 1, 2).float().div_(255)
-            xb = xb.contiguous(memory_format=torch.channels_last)
-            if tta: p = torch.stack([F.softmax(model(_dihedral(xb, k)), 1) for k in range(8)]).mean(0)
-            else: p = F.softmax(model(xb), 1)
-            out.append(p.float().cpu())
-    finally:
-        if was_training: model.train()
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)

@@ -108,6 +108,8 @@ def quickstart(data=None, name: str | None = None, arch: str = 'cnn_small', epoc
     name = name or ds.name.replace('_sample', '')
     say(f'[3/5] test split: accuracy {ev.metrics["accuracy"]:.4f}, AUC {ev.metrics["auc"]:.4f}, '
         f'macro F1 {ev.metrics["macro_f1"]:.4f}, ECE {ev.metrics["ece"]:.4f} (n={ev.metrics["n"]}, TTA)')
+    say(f'      probabilities at temperature {ev.metrics["temperature"]:.3f} (fitted on valid): '
+        f'ECE {ev.metrics["ece_uncalibrated"]:.4f} -> {ev.metrics["ece"]:.4f}, NLL {ev.metrics["nll_uncalibrated"]:.4f} -> {ev.metrics["nll"]:.4f}')
     say(f'      registered {name} {version} in {reg.root} and promoted it to production')
     out = Path(reports_dir or get_settings().reports_dir)/'quickstart'/datetime.now().strftime('%Y%m%d-%H%M%S')
     (out/'samples').mkdir(parents=True, exist_ok=True)

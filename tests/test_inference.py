@@ -40,7 +40,40 @@ def test_predictor_matches_evaluation(trained, predictor, sample_ds):
     x, _ = sample_ds.tensors('test')
     assert np.abs(predictor.predict_proba(list(x)) - ev.probs).max() < 1e-4 or ev.tta   # evaluation used TTA
     from biovis.train import predict_proba
-    assert np.abs(predictor.predict_proba(list(x)) - predict_proba(learn.model, x)).max() < 1e-4
+    assert np.abs(predictor.predict_proba(list(x)) - predict_proba(learn.model, x, temperature=predictor.temperature)).max() < 1e-4
+
+
+def test_registered_predictor_serves_calibrated_probabilities(trained, predictor, sample_ds):
+    "The Predictor divides the logits by the temperature fitted on valid and kept in the metadata: softmax(logits / T), same argmax."
+    import torch
+    from biovis.train import predict_logits
+    reg, learn, ev = trained
+    cal = reg.metadata('blood')['calibration']
+    assert cal['fitted_on'] == 'valid' and predictor.temperature == cal['temperature'] != 1
+    x, _ = sample_ds.tensors('test')
+    z = predict_logits(learn.model, x)
+    probs = predictor.predict_proba(list(x))
+    assert np.abs(probs - torch.softmax(torch.from_numpy(z) / cal['temperature'], 1).numpy()).max() < 1e-5
+    assert np.array_equal(probs.argmax(1), z.argmax(1))
+    assert [p.index for p in predictor.predict_batch(list(x[:32]))] == z[:32].argmax(1).tolist()
+
+
+def test_model_registered_without_calibration_serves_plain_softmax(trained, sample_ds, tmp_path):
+    "A version registered before calibration existed (no `calibration` key) loads and serves at T = 1."
+    import torch
+    from biovis.inference import Predictor
+    from biovis.registry import ModelRegistry
+    from biovis.train import predict_logits
+    reg, learn, _ = trained
+    old = ModelRegistry(tmp_path)
+    meta = {k: v for k, v in reg.metadata('blood').items() if k not in ('calibration', 'name', 'version', 'created')}
+    old.promote('old', old.register('old', learn.model, meta))
+    assert 'calibration' not in old.metadata('old')
+    p = Predictor.from_registry('old', registry=old, device='cpu')
+    assert p.temperature == 1.0
+    x, _ = sample_ds.tensors('test')
+    ref = torch.softmax(torch.from_numpy(predict_logits(learn.model, x)), 1).numpy()
+    assert np.abs(p.predict_proba(list(x)) - ref).max() < 1e-5
 
 
 def test_prediction_carries_model_version(predictor, cell):

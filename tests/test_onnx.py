@@ -30,7 +30,27 @@ def test_onnx_export_gives_torch_probabilities(tmp_path, trained, sample_ds):
     import onnxruntime as ort                                # the copied file stands alone
     s = ort.InferenceSession(str(tmp_path/'blood.onnx'), providers=['CPUExecutionProvider'])
     out = s.run(['probs'], {'image': x[:4].transpose(0, 3, 1, 2).astype(np.float32) / 255})[0]
-    np.testing.assert_allclose(out, p_torch[:4], atol=1e-4)
+    np.testing.assert_allclose(out, p_torch[:4], atol=1e-4)     # calibrated: the temperature is in the graph
+
+
+def test_onnx_graph_applies_the_temperature_once(tmp_path, trained, sample_ds):
+    "The exported graph computes softmax(logits / T); the OnnxPredictor does not divide again, with or without TTA."
+    import torch
+    from biovis.registry import ModelRegistry
+    from biovis.inference import Predictor
+    from biovis.onnx_backend import register_onnx
+    from biovis.train import predict_logits
+    reg = ModelRegistry(tmp_path/'models'); shutil.copytree(trained[0].root, reg.root)
+    dest, v, f = register_onnx('blood', registry=reg)
+    src, meta = reg.metadata('blood'), reg.metadata(dest)
+    assert src['calibration']['temperature'] != 1 and meta['calibration'] == dict(src['calibration'], in_graph=True)
+    x, _ = sample_ds.tensors('test')
+    z = predict_logits(trained[1].model, x[:64])
+    want = torch.softmax(torch.from_numpy(z) / src['calibration']['temperature'], 1).numpy()
+    po = Predictor.from_registry(dest, registry=reg)
+    assert po.temperature == 1.0 and np.abs(po.predict_proba(list(x[:64])) - want).max() < 1e-4
+    po8, pt8 = Predictor.from_registry(dest, registry=reg, tta=True), Predictor.from_registry('blood', registry=reg, tta=True)
+    assert np.abs(po8.predict_proba(list(x[:64])) - pt8.predict_proba(list(x[:64]))).max() < 1e-4
 
 
 def test_export_needs_a_format_and_a_torch_model(tmp_path, trained):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from biovis.data import from_npz, ImageDataset
-from biovis.train import train, predict_proba, make_dls
+from biovis.train import train, predict_proba, predict_logits, make_dls, fit_temperature, nll, temper
 from biovis.evaluate import evaluate, classification_metrics, expected_calibration_error
 
 
@@ -49,6 +49,39 @@ def test_train_plus_valid_refuses_evaluation_on_valid(sample_ds):
     learn = train(sample_ds, epochs=1, progress=False, train_splits=('train', 'valid'))
     assert learn.biovis['dataset']['n_train'] == 1200
     with pytest.raises(ValueError, match='trained on it'): evaluate(learn, sample_ds, split='valid')
+    cal = learn.biovis['calibration']            # nothing held out to fit a temperature on: T = 1, and why
+    assert cal['temperature'] == 1.0 and cal['fitted_on'] is None and 'trained on' in cal['note']
+    assert evaluate(learn, sample_ds).metrics['temperature'] == 1.0
+
+
+def test_fit_temperature_is_the_nll_minimum():
+    "On logits whose labels were drawn at temperature 1/2, the fit finds about 1/2, no grid point does better, and it is deterministic."
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 2, (3000, 6))
+    p = torch.softmax(torch.from_numpy(z * 2), 1).numpy()
+    y = (p.cumsum(1) > rng.random((len(z), 1))).argmax(1)
+    t = fit_temperature(z, y)
+    assert abs(t - 0.5) < 0.05 and t == fit_temperature(z, y)
+    assert min(nll(z, y, g) for g in np.geomspace(0.1, 10, 400)) >= nll(z, y, t) - 1e-9
+    assert np.abs(temper(torch.softmax(torch.from_numpy(z), 1).numpy(), t) - torch.softmax(torch.from_numpy(z / t), 1).numpy()).max() < 1e-9
+
+
+def test_temperature_scaling_calibrates_label_smoothing(sample_ds):
+    "Label smoothing leaves the probabilities unsure; T fitted on valid lowers the NLL there and the ECE on test, and changes no prediction."
+    learn = train(sample_ds, epochs=5, seed=0, label_smoothing=0.2, progress=False)
+    cal = learn.biovis['calibration']
+    xv, yv = sample_ds.tensors('valid')
+    assert cal['fitted_on'] == 'valid' and cal['n'] == len(yv) and 0 < cal['temperature'] < 1     # sharpens
+    zv = predict_logits(learn.model, xv)
+    pv1, pvT = predict_proba(learn.model, xv), predict_proba(learn.model, xv, temperature=cal['temperature'])
+    nll_of = lambda p: -np.log(p[np.arange(len(yv)), yv]).mean()
+    assert nll_of(pvT) < nll_of(pv1) and abs(nll_of(pvT) - nll(zv, yv, cal['temperature'])) < 1e-4
+    ev, raw = evaluate(learn, sample_ds), evaluate(learn, sample_ds, temperature=1)
+    e0, e1 = expected_calibration_error(raw.y_true, raw.probs), expected_calibration_error(ev.y_true, ev.probs)
+    print(f"test split: T = {cal['temperature']:.3f}, ECE {e0:.4f} -> {e1:.4f}, NLL {raw.metrics['nll']:.4f} -> {ev.metrics['nll']:.4f}")
+    assert e1 < e0 and abs(ev.metrics['ece_uncalibrated'] - e0) < 1e-6 and abs(ev.metrics['ece'] - e1) < 1e-6
+    assert np.array_equal(ev.probs.argmax(1), raw.probs.argmax(1)) and ev.metrics['accuracy'] == raw.metrics['accuracy']
+    assert np.array_equal(ev.probs.argmax(1), predict_logits(learn.model, sample_ds.tensors('test')[0]).argmax(1))
 
 
 def test_prediction_is_deterministic_eval_mode(sample_ds):
@@ -83,7 +116,7 @@ def test_efficientnet_lite0_transfer_keeps_imagenet_weights_and_stats(sample_ds)
     "Transfer learning at 64 px: starts from the offline ImageNet weights, keeps ImageNet normalisation."
     import timm
     from biovis.models import IMAGENET_MEAN, load_lite0_imagenet
-    small = type(sample_ds)(sample_ds.classes, sample_ds.labels[:400], sample_ds.splits[:400], array=sample_ds.array[:400],
+    small = type(sample_ds)(sample_ds.classes, sample_ds.labels[:400], sample_ds.splits[:400].copy(), array=sample_ds.array[:400],
                             name='tiny')
     small.splits[:] = np.where(np.arange(400) % 5 == 0, 'valid', np.where(np.arange(400) % 5 == 1, 'test', 'train'))
     learn = train(small, arch='efficientnet_lite0', size=64, epochs=1, lr=1e-3, progress=False)
