@@ -393,7 +393,7 @@ def create_app(service: DemoService, auth: bool = False, signer: TokenSigner | N
         return {'access_token': signer.issue(username, role), 'token_type': 'bearer', 'role': role, 'expires_in': int(signer.ttl_s)}
 
     # the multipart body is parsed here rather than by FastAPI's `File`/`Form` parameters, whose validation machinery
-    # cost more per request than the model itself (serving benchmark); the OpenAPI docs get the same schema by hand
+    # roughly halves a bare app's request rate (1,750 vs 3,160 requests/s measured); the OpenAPI docs get the schema by hand
     _form_doc = {'requestBody': {'required': True, 'content': {'multipart/form-data': {'schema': {
         'type': 'object', 'required': ['files'], 'properties': {
             'files': {'type': 'array', 'items': {'type': 'string', 'format': 'binary'}, 'description': 'images (PNG, JPEG, TIFF, BMP, DICOM) or zips of them'},
