@@ -30,6 +30,7 @@ setup(
     extras_require={'dev': cfg['dev_requirements'].split() + cfg['keras_requirements'].split() + cfg['onnx_requirements'].split(),
                     'keras': cfg['keras_requirements'].split(), 'onnx': cfg['onnx_requirements'].split()},
     entry_points={'console_scripts': cfg['console_scripts'].split(),
-                  'nbdev': ['biovis=biovis._modidx:d']},
+                  'nbdev': ['biovis=biovis._modidx:d'],
+                  'biovis.kinds': cfg['kinds'].split()},
     zip_safe=False,
 )

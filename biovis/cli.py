@@ -82,8 +82,8 @@ def cmd_train(a):
 def cmd_evaluate(a):
     from biovis.data import load_dataset
     from biovis.evaluate import evaluate
-    reg = _registry(a)
-    model, meta = reg.load_model(a.model, a.version)
+    from biovis.kinds import load_model
+    model, meta = load_model(a.model, a.version, registry=_registry(a))
     ds = load_dataset(a.data or meta['dataset'].get('source'))
     if ds.classes != meta['classes']:
         raise ValueError(f'data set classes {ds.classes} differ from the model\'s {meta["classes"]}')

@@ -11,41 +11,94 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['SAMPLE_NAME', 'Settings', 'get_settings', 'project_root', 'sample_path', 'set_seed', 'get_device', 'get_logger',
-           'sha256_bytes', 'sha256_file', 'atomic_write', 'write_json', 'read_json', 'git_commit']
+__all__ = ['IMAGE_EXTS', 'SAMPLE_NAME', 'env', 'set_env', 'child_env', 'Settings', 'get_settings', 'project_root', 'sample_path',
+           'set_seed', 'get_device', 'get_logger', 'sha256_bytes', 'sha256_file', 'atomic_write', 'write_json',
+           'read_json', 'git_commit']
 
 # %% ../nbs/00_core.ipynb #c5b34284
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.dcm', '.dicom')
+
+def env(var: str, default=None):
+    "The environment variable `var` (`default` when unset): for the variables of other programs (torchrun, W&B, Gradio)."
+    return os.environ.get(var, default)
+
+def set_env(setdefault: bool = False, **kw):
+    "Set environment variables (`None` removes one; `setdefault` keeps a value already set): how a command hands settings to the processes it starts."
+    for k, v in kw.items():
+        if v is None: os.environ.pop(k, None)
+        elif setdefault: os.environ.setdefault(k, str(v))
+        else: os.environ[k] = str(v)
+
+def child_env(**kw) -> dict:
+    "This process's environment with `kw` set (and `None` values removed): for a subprocess."
+    e = dict(os.environ)
+    for k, v in kw.items():
+        if v is None: e.pop(k, None)
+        else: e[k] = str(v)
+    return e
+
 def _env_path(var, default):
     v = os.environ.get(var)
     return Path(v).expanduser() if v else Path(default)
 
+def _env_flag(var, default: bool = False) -> bool:
+    v = os.environ.get(var)
+    return default if v in (None, '') else v.strip().lower() in ('1', 'true', 'yes', 'on')
+
 @dataclass(frozen=True)
 class Settings:
-    "Runtime settings of the workbench; build one with `get_settings()`."
+    "Runtime settings of the workbench, every limit and threshold default in one place; build one with `get_settings()`."
     home: Path
     data_root: Path | None
     models_dir: Path
     reports_dir: Path
     seed: int = 42
+    device: str | None = None
+    log_level: str = 'INFO'
     fb_thresh: int = 100                  # new feedback rows that trigger a retrain
+    promotion_margin: float = 0.01        # a candidate is promoted unless worse than production by more than this
+    db_url: str | None = None             # None: the SQLite file <home>/data/biovis.db
+    max_upload_mb: int = 20
+    max_pixels: int = 64 * 2**20          # 64 Mpx; PIL's own bomb check fires at 2 x 89 Mpx
+    max_side: int = 16384
+    image_exts: tuple = IMAGE_EXTS
+    rate_limit: float = 20.0              # requests per second per client on /predict; 0 turns it off
+    rate_burst: int = 40
+    auth: bool = False
+    secret: str | None = None             # None: each process draws its own random signing key
+    torch_threads: int = 1
+    serve_models: tuple = ()
     wandb_project: str = 'biovis'
     wandb_entity: str | None = None
     wandb_mode: str = 'offline'           # 'online' when a W&B API key is configured
 
-    def as_dict(self): return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+    @property
+    def max_upload_bytes(self) -> int: return int(self.max_upload_mb * 2**20)
+    @property
+    def database_url(self) -> str: return self.db_url or f"sqlite:///{self.home/'data'/'biovis.db'}"
+    def as_dict(self): return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != 'secret'}
 
 def get_settings(**overrides) -> Settings:
     "Settings from the environment, with keyword `overrides` winning."
+    e = os.environ.get
     home = _env_path('BIOVIS_HOME', Path.cwd())
-    data = os.environ.get('BIOVIS_DATA')
+    data = e('BIOVIS_DATA')
     kw = dict(home=home, data_root=Path(data).expanduser() if data else None,
               models_dir=_env_path('BIOVIS_MODELS', home/'models'),
               reports_dir=_env_path('BIOVIS_REPORTS', home/'reports'),
-              seed=int(os.environ.get('BIOVIS_SEED', 42)),
-              fb_thresh=int(os.environ.get('BIOVIS_FB_THRESH', 100)),
-              wandb_project=os.environ.get('BIOVIS_WANDB_PROJECT') or os.environ.get('WANDB_PROJECT') or 'biovis',
-              wandb_entity=os.environ.get('BIOVIS_WANDB_ENTITY') or os.environ.get('WANDB_ENTITY') or None,
-              wandb_mode=os.environ.get('BIOVIS_WANDB_MODE') or os.environ.get('WANDB_MODE') or ('online' if os.environ.get('WANDB_API_KEY') else 'offline'))
+              seed=int(e('BIOVIS_SEED') or 42), device=e('BIOVIS_DEVICE') or None, log_level=e('BIOVIS_LOG_LEVEL') or 'INFO',
+              fb_thresh=int(e('BIOVIS_FB_THRESH') or Settings.fb_thresh),
+              promotion_margin=float(e('BIOVIS_PROMOTION_MARGIN') or Settings.promotion_margin),
+              db_url=e('BIOVIS_DB_URL') or None,
+              max_upload_mb=float(e('BIOVIS_MAX_UPLOAD_MB') or Settings.max_upload_mb),
+              max_pixels=int(e('BIOVIS_MAX_PIXELS') or Settings.max_pixels), max_side=int(e('BIOVIS_MAX_SIDE') or Settings.max_side),
+              rate_limit=float(e('BIOVIS_RATE_LIMIT') or Settings.rate_limit), rate_burst=int(e('BIOVIS_RATE_BURST') or Settings.rate_burst),
+              auth=_env_flag('BIOVIS_AUTH'), secret=e('BIOVIS_SECRET') or None,
+              torch_threads=int(e('BIOVIS_TORCH_THREADS') or Settings.torch_threads),
+              serve_models=tuple(n for n in (e('BIOVIS_SERVE_MODELS') or '').split(',') if n),
+              wandb_project=e('BIOVIS_WANDB_PROJECT') or e('WANDB_PROJECT') or 'biovis',
+              wandb_entity=e('BIOVIS_WANDB_ENTITY') or e('WANDB_ENTITY') or None,
+              wandb_mode=e('BIOVIS_WANDB_MODE') or e('WANDB_MODE') or ('online' if e('WANDB_API_KEY') else 'offline'))
     kw.update(overrides)
     return Settings(**kw)
 
@@ -78,7 +131,7 @@ def set_seed(seed: int = 42, deterministic: bool = True):
 def get_device(prefer: str | None = None):
     "The torch device to use: `prefer` if given (or `BIOVIS_DEVICE`), else CUDA, MPS, then CPU."
     import torch
-    prefer = prefer or os.environ.get('BIOVIS_DEVICE')
+    prefer = prefer or get_settings().device
     if prefer: return torch.device(prefer)
     if torch.cuda.is_available(): return torch.device('cuda')
     if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available(): return torch.device('mps')
@@ -91,7 +144,7 @@ def get_logger(name: str = 'biovis', level: int | str | None = None) -> logging.
     if not root.handlers:
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s', '%H:%M:%S'))
-        root.addHandler(h); root.setLevel(os.environ.get('BIOVIS_LOG_LEVEL', 'INFO'))
+        root.addHandler(h); root.setLevel(get_settings().log_level)
     if level is not None: root.setLevel(level)
     return logging.getLogger(name if name.startswith('biovis') else f'biovis.{name}')
 

@@ -13,22 +13,19 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from .core import get_settings, sample_path, sha256_bytes, sha256_file, atomic_write, get_logger, SAMPLE_NAME
+from .core import get_settings, sample_path, sha256_bytes, sha256_file, atomic_write, get_logger, SAMPLE_NAME, Settings
+from .errors import InvalidImageError, UploadTooLargeError
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'MAX_BYTES', 'MAX_SIDE', 'MAX_PIXELS', 'SPLITS', 'MEDMNIST_CLASSES', 'BLOODMNIST_URL', 'BLOODMNIST_MD5',
-           'InvalidImageError', 'read_image', 'to_model_input', 'ImageDataset', 'from_npz', 'from_folder', 'from_csv',
-           'export_folder', 'write_dicom', 'find_bloodmnist', 'load_dataset', 'DataFetchError', 'fetch_bloodmnist',
-           'make_sample']
+           'read_image', 'to_model_input', 'ImageDataset', 'from_npz', 'from_folder', 'from_csv', 'export_folder',
+           'write_dicom', 'find_bloodmnist', 'load_dataset', 'DataFetchError', 'fetch_bloodmnist', 'make_sample']
 
 # %% ../nbs/01_data.ipynb #fda3973b
-class InvalidImageError(ValueError):
-    "Input that is not an image biovis can read: the message says what is wrong with it."
-
-IMAGE_EXTS = {'.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.dcm', '.dicom'}
-MAX_BYTES = 20 * 2**20          # 20 MB, the upload limit of the demo
-MAX_SIDE = 16384
-MAX_PIXELS = 64 * 2**20         # 64 Mpx; PIL's own bomb check fires at 2 x 89 Mpx
+IMAGE_EXTS = set(Settings.image_exts)               # the defaults of `biovis.core.Settings`, the one place they are written
+MAX_BYTES = Settings.max_upload_mb * 2**20          # 20 MB, the upload limit of the server
+MAX_SIDE = Settings.max_side
+MAX_PIXELS = Settings.max_pixels                    # 64 Mpx; PIL's own bomb check fires at 2 x 89 Mpx
 
 def _is_dicom_bytes(b: bytes) -> bool: return len(b) > 132 and b[128:132] == b'DICM'
 
@@ -111,12 +108,12 @@ def read_image(src, max_bytes: int = MAX_BYTES, max_side: int = MAX_SIDE, max_pi
         p = Path(src)
         if not p.is_file(): raise InvalidImageError(f'no such file: {p}')
         size = p.stat().st_size
-        if size > max_bytes: raise InvalidImageError(f'{p.name} is {size/2**20:.1f} MB; the limit is {max_bytes/2**20:.0f} MB')
+        if size > max_bytes: raise UploadTooLargeError(f'{p.name} is {size/2**20:.1f} MB; the limit is {max_bytes/2**20:.0f} MB')
         b = p.read_bytes()
     elif isinstance(src, (bytes, bytearray, memoryview)): b = bytes(src)
     else: raise InvalidImageError(f'cannot read an image from a {type(src).__name__}')
     if len(b) == 0: raise InvalidImageError('empty file: 0 bytes')
-    if len(b) > max_bytes: raise InvalidImageError(f'input is {len(b)/2**20:.1f} MB; the limit is {max_bytes/2**20:.0f} MB')
+    if len(b) > max_bytes: raise UploadTooLargeError(f'input is {len(b)/2**20:.1f} MB; the limit is {max_bytes/2**20:.0f} MB')
     if _is_dicom_bytes(b):
         import pydicom
         try: ds = pydicom.dcmread(io.BytesIO(b))

@@ -5,7 +5,7 @@ with every input validated first and prepared exactly as in training."""
 
 # %% ../nbs/06_inference.ipynb #17b8a4d1
 from __future__ import annotations
-import copy, importlib, time
+import copy, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -14,8 +14,10 @@ import torch
 
 from .core import get_device
 from .data import read_image, to_model_input, InvalidImageError, MAX_BYTES
-from .train import predict_proba
-from .registry import ModelRegistry, RegistryError
+from .errors import RegistryError
+from .models import create_model, predict_proba
+from .registry import ModelRegistry
+from .kinds import BaseKind, register_kind
 from fastcore.basics import patch
 import threading
 from contextlib import contextmanager
@@ -52,11 +54,9 @@ def fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:
                 if j + 2 < len(kids) and getattr(kids[j + 2][1], 'inplace', False): kids[j + 2][1].inplace = False
     return model
 
-_BACKENDS = {'keras': ('biovis.keras_backend', 'KerasPredictor'), 'onnx': ('biovis.onnx_backend', 'OnnxPredictor')}
-
-class Predictor:
-    "A model with its metadata, ready to classify validated inputs."
-    backend = 'fastai'     # what `meta['backend']` a class serves; `from_registry` picks the class
+@register_kind('classification', 'fastai')
+class Predictor(BaseKind):
+    "A classification model with its metadata, ready to classify validated inputs (the `classification.fastai` kind)."
     def __init__(self, model: torch.nn.Module, meta: dict, device=None, tta: bool = False, batch_size: int = 256,
                  max_bytes: int = MAX_BYTES):
         self.device = torch.device(device) if device else get_device()
@@ -68,28 +68,19 @@ class Predictor:
         self.channels = int(meta['channels'])
 
     @classmethod
-    def from_registry(cls, name: str, ref: str = 'production', registry: ModelRegistry | None = None, **kw) -> 'Predictor':
-        "Load version `ref` (alias, `latest` or `vN`) of model `name`."
-        reg = registry or ModelRegistry()
-        backend = reg.metadata(name, ref).get('backend', 'fastai')
-        if cls is Predictor and backend in _BACKENDS:     # other backends: their own Predictor, imported only when used
-            cls = getattr(importlib.import_module(_BACKENDS[backend][0]), _BACKENDS[backend][1])
-        if backend != cls.backend:
-            raise RegistryError(f'{name} {ref} is a {backend} model; {cls.__name__} serves {cls.backend} models')
-        model, meta = reg.load_model(name, ref)
-        p = cls(model, meta, **kw)
-        p.drift_dir = reg.path(name, meta['version'])    # its drift reference (see `predict_with_features`)
-        return p
+    def load_model(cls, registry: ModelRegistry, name: str, ref: str = 'production', device='cpu') -> tuple:
+        "Rebuild a registered PyTorch classifier from its `arch` and checked weights: (model, metadata)."
+        state, meta = registry.load_state_dict(name, ref)
+        model = create_model(meta['arch'], len(meta['classes']), meta['channels'], pretrained=False)
+        try: model.load_state_dict(state)
+        except Exception as e: raise RegistryError(f'{name} {meta["version"]}: cannot load weights: {e}') from None
+        return model.to(device).eval(), meta
 
     @property
     def temperature(self) -> float:
         "The temperature this Predictor divides the logits by: `calibration` in the metadata; 1 for a model registered without one, or whose graph applies it (`in_graph`, an ONNX export)."
         cal = self.meta.get('calibration') or {}
         return 1.0 if cal.get('in_graph') else float(cal.get('temperature', 1.0))
-    @property
-    def name(self) -> str: return self.meta.get('name', '?')
-    @property
-    def version(self) -> str: return self.meta.get('version', '?')
     def __repr__(self): return f'Predictor({self.name} {self.version}, {self.meta["arch"]}, {len(self.classes)} classes, {self.size}, tta={self.tta})'
 
     def preprocess(self, src) -> np.ndarray:
@@ -193,7 +184,6 @@ class _FeatureTap:
         finally: self.local.got = None
 
 _TAP_LOCK = threading.Lock()
-Predictor.drift_dir = None       # the version's folder, set by `from_registry`: where its drift reference lives
 
 @patch
 def _drift_projection(self: Predictor):

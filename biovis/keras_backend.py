@@ -12,8 +12,10 @@ import numpy as np
 from .core import get_logger, sha256_file
 from .data import ImageDataset, MAX_BYTES, read_image, to_model_input
 from .evaluate import Evaluation, classification_metrics, calibrated_metrics
-from .train import calibrate, temper
+from .train import calibrate
+from .models import temper
 from .registry import ModelRegistry, RegistryError, model_card
+from .kinds import register_kind
 from .inference import Predictor
 
 # %% auto #0
@@ -324,9 +326,15 @@ def train_and_register_keras(ds: ImageDataset, name: str | None = None, arch: st
     return model, ev, version
 
 # %% ../nbs/17_keras.ipynb #611f6209
+@register_kind('classification', 'keras')
 class KerasPredictor(Predictor):
-    "A registered Keras model behind the `Predictor` interface (`Predictor.from_registry` loads it)."
-    backend = 'keras'
+    "A registered Keras model behind the `Predictor` interface (the `classification.keras` kind; `load_predictor` loads it)."
+    @classmethod
+    def load_model(cls, registry: ModelRegistry, name: str, ref: str = 'production', device='cpu') -> tuple:
+        "The registered Keras model (TensorFlow imported now) and its metadata."
+        w, meta = registry.weights(name, ref)
+        return load_keras_model(w), meta
+
     def __init__(self, model, meta: dict, device=None, tta: bool = False, batch_size: int = 256, max_bytes: int = MAX_BYTES):
         self.model, self.meta, self.tta, self.batch_size, self.max_bytes = model, meta, tta, batch_size, max_bytes
         self.device = 'cpu'

@@ -7,12 +7,15 @@ small inputs, and EfficientNet-Lite0 with ImageNet weights that install offline.
 from __future__ import annotations
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'ARCHS', 'Normalize', 'SmallCNN', 'resnet18_small', 'load_lite0_imagenet',
-           'efficientnet_lite0', 'ArchSpec', 'create_model', 'set_normalization']
+           'efficientnet_lite0', 'ArchSpec', 'create_model', 'set_normalization', 'predict_logits', 'predict_proba',
+           'temper']
 
 # %% ../nbs/02_models.ipynb #aff3287b
 class Normalize(nn.Module):
@@ -115,3 +118,40 @@ def set_normalization(model: nn.Module, mean, std) -> nn.Module:
     norm.mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
     norm.std.copy_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
     return model
+
+# %% ../nbs/02_models.ipynb #44c01e25
+def _dihedral(x, k):
+    if k >= 4: x = x.flip(3)
+    return torch.rot90(x, k % 4, (2, 3))
+
+@torch.no_grad()
+def _run_batches(model, x: np.ndarray, bs: int, device, head) -> np.ndarray:
+    "`head(xb)` of each batch of `uint8` images `x` (N x H x W x C, scaled to [0, 1]) in eval mode, concatenated."
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    if was_training: model.eval()
+    out = []
+    try:
+        for i in range(0, len(x), bs):
+            xb = torch.from_numpy(np.ascontiguousarray(x[i:i + bs])).to(device).permute(0, 3, 1, 2).float().div_(255)
+            out.append(head(xb.contiguous(memory_format=torch.channels_last)).float().cpu())
+    finally:
+        if was_training: model.train()
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+def predict_logits(model, x: np.ndarray, bs: int = 256, device=None) -> np.ndarray:
+    "The class scores before the softmax (logits) of `model` for `uint8` images `x` (N x H x W x C)."
+    return _run_batches(model, x, bs, device, model)
+
+def predict_proba(model, x: np.ndarray, bs: int = 256, tta: bool = False, device=None, temperature: float = 1.0) -> np.ndarray:
+    "Probabilities of `model` for `uint8` images `x` (N x H x W x C): softmax(logits / `temperature`); `tta` averages the 8 dihedral views."
+    t = float(temperature)
+    p = lambda xb: F.softmax(model(xb) / t, 1)
+    return _run_batches(model, x, bs, device, (lambda xb: torch.stack([p(_dihedral(xb, k)) for k in range(8)]).mean(0)) if tta else p)
+
+def temper(probs: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    "Softmax probabilities `probs` (N x classes) at temperature `temperature`: softmax(log(probs) / T), equal to softmax(logits / T)."
+    if temperature == 1: return probs
+    z = np.log(np.clip(probs, 1e-38, None).astype(np.float64)) / float(temperature)
+    e = np.exp(z - z.max(1, keepdims=True))
+    return (e / e.sum(1, keepdims=True)).astype(probs.dtype)

@@ -13,8 +13,9 @@ import torch
 from .core import get_logger, read_json
 from .data import MAX_BYTES
 from .registry import ModelRegistry, RegistryError
+from .kinds import register_kind, load_model
 from .inference import Predictor, fuse_conv_bn
-from .train import temper
+from .models import temper
 
 # %% auto #0
 __all__ = ['OnnxBackendError', 'export_onnx', 'onnx_session', 'register_onnx', 'OnnxPredictor']
@@ -73,7 +74,7 @@ def register_onnx(name: str, ref: str = 'production', dest: str | None = None, r
                   alias: str | None = 'production', out=None) -> tuple:
     "Export version `ref` of the torch model `name` to ONNX and register it as `dest` (backend `onnx`); returns (dest, version, file)."
     reg = registry or ModelRegistry()
-    model, meta = reg.load_model(name, ref)
+    model, meta = load_model(name, ref, registry=reg)
     if meta.get('backend', 'fastai') not in ('fastai', 'torch'): raise RegistryError(f'{name} {meta["version"]} is a {meta["backend"]} model; only fastai/PyTorch models export to ONNX')
     if meta.get('task', 'classification') != 'classification': raise RegistryError(f'{name} is a {meta["task"]} model; ONNX export covers classifiers')
     dest = dest or f'{name}-onnx'
@@ -91,9 +92,15 @@ def register_onnx(name: str, ref: str = 'production', dest: str | None = None, r
         if out is not None: shutil.copyfile(f, out)
     return dest, v, reg.path(dest, v)/'model.onnx'
 
+@register_kind('classification', 'onnx')
 class OnnxPredictor(Predictor):
-    "A registered ONNX model, run by ONNX Runtime, behind the `Predictor` interface (`Predictor.from_registry` loads it)."
-    backend = 'onnx'
+    "A registered ONNX model, run by ONNX Runtime, behind the `Predictor` interface (the `classification.onnx` kind)."
+    @classmethod
+    def load_model(cls, registry: ModelRegistry, name: str, ref: str = 'production', device='cpu') -> tuple:
+        "An ONNX Runtime session of the registered graph and its metadata."
+        w, meta = registry.weights(name, ref)
+        return onnx_session(w), meta
+
     def __init__(self, session, meta: dict, device=None, tta: bool = False, batch_size: int = 256, max_bytes: int = MAX_BYTES):
         self.model = self.session = session
         self.meta, self.tta, self.batch_size, self.max_bytes, self.device = meta, tta, batch_size, max_bytes, 'cpu'

@@ -15,6 +15,7 @@ import numpy as np
 from .core import get_settings, get_logger, project_root, write_json, read_json, atomic_write, sha256_bytes
 from .data import ImageDataset, load_dataset, from_npz, read_image, to_model_input, InvalidImageError
 from .registry import ModelRegistry, ModelNotFoundError
+from .kinds import load_model
 
 # %% auto #0
 __all__ = ['PipelineError', 'RetrainLockedError', 'NotebookFailedError', 'retrain_lock', 'last_training_time', 'RetrainDecision',
@@ -265,7 +266,7 @@ def compare_with_production(registry: ModelRegistry, name: str, ev, ds: ImageDat
     seg = getattr(ds, 'task', None) == 'segmentation'
     if seg: from biovis.segment import load_seg_model, evaluate_seg, SegPredictor
     cand = float(ev.metrics[metric])
-    try: model, meta = load_seg_model(registry, name, 'production') if seg else registry.load_model(name, 'production')
+    try: model, meta = load_model(name, 'production', registry=registry)
     except ModelNotFoundError: model, meta = None, None
     prod, pv = None, None
     if meta is not None:

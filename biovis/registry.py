@@ -14,25 +14,25 @@ import torch
 
 import biovis
 from .core import get_settings, atomic_write, write_json, read_json, sha256_file, git_commit, _fsync_dir
-from .models import create_model
+from .errors import RegistryError, ModelNotFoundError
 
 # %% auto #0
-__all__ = ['ALIASES', 'RegistryError', 'ModelNotFoundError', 'ModelRegistry', 'model_card']
+__all__ = ['ALIASES', 'DEFAULT_TASK', 'DEFAULT_BACKEND', 'kind_of', 'ModelRegistry', 'model_card']
 
-# %% ../nbs/05_registry.ipynb #31d71dbc
-class RegistryError(RuntimeError):
-    "A registry operation could not be done: unknown model or version, bad alias, corrupt files."
-
-class ModelNotFoundError(RegistryError, LookupError):
-    "No such model, version, or no version behind an alias."
-
+# %% ../nbs/05_registry.ipynb #20e70d18
 ALIASES = ('production', 'candidate')
+
+DEFAULT_TASK, DEFAULT_BACKEND = 'classification', 'fastai'
+
+def kind_of(meta: dict) -> tuple:
+    "The `(task, backend)` a version's metadata records (`classification`, `fastai` for a version registered before both were)."
+    return meta.get('task') or DEFAULT_TASK, meta.get('backend') or DEFAULT_BACKEND
 
 def _now(): return datetime.now(timezone.utc).isoformat(timespec='seconds')
 
 def _vnum(v: str) -> int: return int(v[1:]) if v.startswith('v') and v[1:].isdigit() else -1
 
-# %% ../nbs/05_registry.ipynb #4be4b26c
+# %% ../nbs/05_registry.ipynb #31d71dbc
 class ModelRegistry:
     "Versioned models on disk under `root` (default: the `models_dir` setting)."
     def __init__(self, root=None):
@@ -131,8 +131,8 @@ class ModelRegistry:
             with self._lock(name):
                 vs = self.versions(name)
                 version = f'v{(_vnum(vs[-1]) if vs else 0) + 1}'
-                meta = dict(meta, name=name, version=version, created=_now(), backend=meta.get('backend', 'fastai'),
-                            task=meta.get('task', 'classification'), weights=wname,
+                task, backend = kind_of(meta)
+                meta = dict(meta, name=name, version=version, created=_now(), backend=backend, task=task, weights=wname,
                             weights_sha256=sha256_file(stage/wname),
                             git_commit=meta.get('git_commit') or git_commit(), biovis_version=biovis.__version__,
                             torch_version=torch.__version__, python=platform.python_version())
@@ -197,24 +197,21 @@ class ModelRegistry:
         for d in self.root.glob('*/.trash-*'): shutil.rmtree(d, ignore_errors=True); n += 1
         return n
 
-    # --- loading -------------------------------------------------------------------------
-    def load_model(self, name: str, ref: str = 'production', device='cpu', factory=None):
-        "Rebuild the model of a version from its metadata and weights (checked against their SHA-256); returns (model, metadata). `factory(meta)` builds the empty network of a PyTorch model (default: `create_model` of its `arch`)."
+    # --- weights ----------------------------------------------------------------------------
+    def weights(self, name: str, ref: str = 'production') -> tuple:
+        "The weights file of a version, checked against its recorded SHA-256, and the version's metadata: (path, metadata)."
         p = self.path(name, ref); meta = read_json(p/'metadata.json')
         w = p/meta.get('weights', 'model.pt')
         if not w.exists(): raise RegistryError(f'{name} {meta["version"]}: weights file {w.name} is missing')
         if meta.get('weights_sha256') and sha256_file(w) != meta['weights_sha256']:
             raise RegistryError(f'{name} {meta["version"]}: weights do not match their recorded SHA-256 (corrupt or changed)')
-        if meta.get('backend', 'fastai') == 'keras':          # TensorFlow only now, when a Keras model is asked for
-            from .keras_backend import load_keras_model
-            return load_keras_model(w), meta
-        if meta.get('backend') == 'onnx':
-            from .onnx_backend import onnx_session
-            return onnx_session(w), meta
-        model = factory(meta) if factory else create_model(meta['arch'], len(meta['classes']), meta['channels'], pretrained=False)
-        try: model.load_state_dict(torch.load(w, map_location='cpu', weights_only=True))
+        return w, meta
+
+    def load_state_dict(self, name: str, ref: str = 'production') -> tuple:
+        "The checked PyTorch `state_dict` of a version (tensors only, no pickled code) and its metadata: (state, metadata)."
+        w, meta = self.weights(name, ref)
+        try: return torch.load(w, map_location='cpu', weights_only=True), meta
         except Exception as e: raise RegistryError(f'{name} {meta["version"]}: cannot load weights: {e}') from None
-        return model.to(device).eval(), meta
 
 # %% ../nbs/05_registry.ipynb #5a0384be
 def model_card(meta: dict) -> str:

@@ -29,7 +29,8 @@ from fastcore.basics import chunked
 from .core import get_settings, get_logger, set_seed, get_device, sha256_file, sha256_bytes, atomic_write, read_json
 from .data import read_image, InvalidImageError, IMAGE_EXTS, SPLITS, MAX_BYTES
 from .models import Normalize
-from .registry import ModelRegistry, RegistryError
+from .registry import ModelRegistry, RegistryError, kind_of
+from .kinds import BaseKind, register_kind, kind_class
 
 # %% auto #0
 __all__ = ['IMAGE_DIRS', 'MASK_DIRS', 'PUBLISHED_SEG', 'InvalidMaskError', 'read_mask', 'mask_to_png', 'SegDataset',
@@ -560,9 +561,9 @@ def overlay_mask(img: np.ndarray, mask: np.ndarray, alpha: float = 0.5, color=(2
         rgb[m] = (1 - alpha) * rgb[m] + alpha * cols[(c - 1) % len(cols)]
     return rgb.clip(0, 255).astype(np.uint8)
 
-class SegPredictor:
-    "A segmentation model with its metadata, ready to segment validated inputs at their full size."
-    task = 'segmentation'
+@register_kind('segmentation', 'fastai')
+class SegPredictor(BaseKind):
+    "A segmentation model with its metadata, ready to segment validated inputs at their full size (the `segmentation.fastai` kind)."
     def __init__(self, model: nn.Module, meta: dict, device=None, tile: int = 512, overlap: int = 64, max_bytes: int = MAX_BYTES):
         self.device = torch.device(device) if device else get_device()
         self.model, self.meta = model.to(self.device).eval(), meta
@@ -574,15 +575,14 @@ class SegPredictor:
         self.overlap, self.max_bytes = min(overlap, self.tile // 2), max_bytes
 
     @classmethod
-    def from_registry(cls, name: str, ref: str = 'production', registry: ModelRegistry | None = None, **kw) -> 'SegPredictor':
-        "Load version `ref` of the segmentation model `name`."
-        model, meta = load_seg_model(registry or ModelRegistry(), name, ref)
-        return cls(model, meta, **kw)
+    def load_model(cls, registry: ModelRegistry, name: str, ref: str = 'production', device='cpu') -> tuple:
+        "Rebuild a registered Attention U-Net from its `model_config` and checked weights: (model, metadata)."
+        state, meta = registry.load_state_dict(name, ref)
+        model = AttentionUNet(**meta['model_config'])
+        try: model.load_state_dict(state)
+        except Exception as e: raise RegistryError(f'{name} {meta["version"]}: cannot load weights: {e}') from None
+        return model.to(device).eval(), meta
 
-    @property
-    def name(self) -> str: return self.meta.get('name', '?')
-    @property
-    def version(self) -> str: return self.meta.get('version', '?')
     def __repr__(self): return f'SegPredictor({self.name} {self.version}, {self.classes}, scale {self.scale}, threshold {self.threshold:.2f})'
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -661,10 +661,10 @@ def evaluate_seg(pred: SegPredictor, ds: SegDataset, split: str = 'test', tol: i
 
 # %% ../nbs/16_segment.ipynb #6031bb81
 def load_seg_model(reg: ModelRegistry, name: str, ref: str = 'production', device='cpu'):
-    "Rebuild a registered segmentation model from its metadata and weights; returns (model, metadata)."
+    "Rebuild a registered segmentation model from its metadata and weights; returns (model, metadata). Refuses a model of another kind."
     meta = reg.metadata(name, ref)
-    if meta.get('task') != 'segmentation': raise RegistryError(f'{name} {meta["version"]} is a {meta.get("task", "classification")} model, not segmentation')
-    return reg.load_model(name, ref, device, factory=lambda m: AttentionUNet(**m['model_config']))
+    if kind_class(*kind_of(meta)) is not SegPredictor: raise RegistryError(f'{name} {meta["version"]} is a {meta.get("task", "classification")} model, not segmentation')
+    return SegPredictor.load_model(reg, name, ref, device)
 
 def seg_model_card(meta: dict) -> str:
     "A Markdown model card for a segmentation version."

@@ -24,11 +24,11 @@ from fastcore.basics import chunked
 
 from .core import set_seed, get_device, get_logger
 from .data import ImageDataset, load_dataset
-from .models import ARCHS, create_model, set_normalization
+from .models import ARCHS, create_model, set_normalization, predict_logits, predict_proba, temper, _dihedral
 
 # %% auto #0
-__all__ = ['ArrayDataset', 'ArrayDL', 'make_dls', 'random_affine', 'color_jitter', 'MicroscopyAug', 'predict_logits',
-           'predict_proba', 'temper', 'nll', 'fit_temperature', 'calibrate', 'train']
+__all__ = ['ArrayDataset', 'ArrayDL', 'make_dls', 'random_affine', 'color_jitter', 'MicroscopyAug', 'nll', 'fit_temperature',
+           'calibrate', 'train']
 
 # %% ../nbs/03_train.ipynb #67c3bd46
 class ArrayDataset:
@@ -99,45 +99,7 @@ class MicroscopyAug(Callback):
         x = random_affine(self.xb[0], self.rotate, self.shift, self.scale)
         self.learn.xb = (color_jitter(x, self.jitter).contiguous(memory_format=torch.channels_last),)
 
-# %% ../nbs/03_train.ipynb #1ba9f76c
-def _dihedral(x, k):
-    if k >= 4: x = x.flip(3)
-    return torch.rot90(x, k % 4, (2, 3))
-
-@torch.no_grad()
-def _run_batches(model, x: np.ndarray, bs: int, device, head) -> np.ndarray:
-    "`head(xb)` of each batch of `uint8` images `x` (N x H x W x C, scaled to [0, 1]) in eval mode, concatenated."
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    if was_training: model.eval()
-    out = []
-    try:
-        for i in range(0, len(x), bs):
-            xb = torch.from_numpy(np.ascontiguousarray(x[i:i + bs])).to(device).permute(0, 3, 1, 2).float().div_(255)
-            out.append(head(xb.contiguous(memory_format=torch.channels_last)).float().cpu())
-    finally:
-        if was_training: model.train()
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
-
-def predict_logits(model, x: np.ndarray, bs: int = 256, device=None) -> np.ndarray:
-    "The class scores before the softmax (logits) of `model` for `uint8` images `x` (N x H x W x C)."
-    return _run_batches(model, x, bs, device, model)
-
-def predict_proba(model, x: np.ndarray, bs: int = 256, tta: bool = False, device=None, temperature: float = 1.0) -> np.ndarray:
-    "Probabilities of `model` for `uint8` images `x` (N x H x W x C): softmax(logits / `temperature`); `tta` averages the 8 dihedral views."
-    t = float(temperature)
-    p = lambda xb: F.softmax(model(xb) / t, 1)
-    return _run_batches(model, x, bs, device, (lambda xb: torch.stack([p(_dihedral(xb, k)) for k in range(8)]).mean(0)) if tta else p)
-
-
 # %% ../nbs/03_train.ipynb #a7d8dcc1
-def temper(probs: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    "Softmax probabilities `probs` (N x classes) at temperature `temperature`: softmax(log(probs) / T), equal to softmax(logits / T)."
-    if temperature == 1: return probs
-    z = np.log(np.clip(probs, 1e-38, None).astype(np.float64)) / float(temperature)
-    e = np.exp(z - z.max(1, keepdims=True))
-    return (e / e.sum(1, keepdims=True)).astype(probs.dtype)
-
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
     "Mean negative log-likelihood of labels `y` under softmax(`logits` / `temperature`)."
     z = np.asarray(logits, np.float64) / temperature
@@ -163,6 +125,7 @@ def calibrate(logits_of, ds: ImageDataset, split: str | None = 'valid', train_sp
     if not len(y): return none(f'the {split} split is empty')
     z = logits_of(x); t = fit_temperature(z, y)
     return dict(method='temperature', temperature=t, fitted_on=split, n=int(len(y)), nll_before=nll(z, y), nll_after=nll(z, y, t))
+
 
 
 # %% ../nbs/03_train.ipynb #b38f115d

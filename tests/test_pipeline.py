@@ -156,8 +156,8 @@ def test_failing_notebook_exits_nonzero_and_registers_nothing(rhome, tmp_path):
     "The notebook registers a version and then raises: the run fails and the registry is as it was."
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("# parameters\nname = 'x'\nregistry = None"),
-                nbformat.v4.new_code_cell('from biovis.registry import ModelRegistry\nreg = ModelRegistry(registry)\n'
-                                          'm, meta = reg.load_model(name)\nprint(reg.register(name, m, meta))'),
+                nbformat.v4.new_code_cell('from biovis.registry import ModelRegistry\nfrom biovis.kinds import load_model\nreg = ModelRegistry(registry)\n'
+                                          'm, meta = load_model(name, registry=reg)\nprint(reg.register(name, m, meta))'),
                 nbformat.v4.new_code_cell("raise RuntimeError('boom in the pipeline')")]
     bad = tmp_path/'bad.ipynb'; nbformat.write(nb, bad)
     before = _registry_state(rhome)

@@ -6,6 +6,7 @@ import torch
 
 from biovis.models import create_model
 from biovis.registry import ModelRegistry, RegistryError, ModelNotFoundError
+from biovis.kinds import load_model
 from conftest import run_cli
 
 META = dict(arch='cnn_small', classes=['a', 'b', 'c'], input_size=[28, 28], channels=3, metrics=dict(accuracy=0.5))
@@ -41,7 +42,7 @@ def test_loaded_model_equals_saved(tmp_path):
     reg = ModelRegistry(tmp_path)
     model = create_model('cnn_small', 3).eval()
     v = reg.register('m', model, META)
-    loaded, _ = reg.load_model('m', v)
+    loaded, _ = load_model('m', v, registry=reg)
     x = torch.rand(4, 3, 28, 28)
     assert torch.allclose(model(x), loaded(x))
 
@@ -60,9 +61,9 @@ def test_corrupt_or_missing_weights_refused(tmp_path):
     v = reg.register('m', create_model('cnn_small', 3), META)
     w = reg.path('m', v)/'model.pt'
     data = w.read_bytes(); w.write_bytes(data[:-10])
-    with pytest.raises(RegistryError, match='SHA-256'): reg.load_model('m', v)
+    with pytest.raises(RegistryError, match='SHA-256'): load_model('m', v, registry=reg)
     w.unlink()
-    with pytest.raises(RegistryError, match='missing'): reg.load_model('m', v)
+    with pytest.raises(RegistryError, match='missing'): load_model('m', v, registry=reg)
 
 
 _WRITER = textwrap.dedent('''
@@ -82,7 +83,7 @@ _WRITER = textwrap.dedent('''
 def _check_consistent(reg):
     al = reg.aliases('m')
     for v in reg.versions('m'):
-        model, meta = reg.load_model('m', v)     # every listed version is whole and its weights verify
+        model, meta = load_model('m', v, registry=reg)     # every listed version is whole and its weights verify
         assert meta['version'] == v
     for a in ('production', 'candidate'):
         if a in al: assert al[a] in reg.versions('m')

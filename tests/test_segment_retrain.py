@@ -180,8 +180,8 @@ def test_failing_segmentation_notebook_restores_the_registry(shome, tmp_path):
     "The segmentation path shares the classification one's lock, snapshot and restore: a notebook that registers and then fails leaves nothing."
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("# parameters\nname = 'x'\nregistry = None\ntrain_config = {}"),
-                nbformat.v4.new_code_cell('from biovis.registry import ModelRegistry\nfrom biovis.segment import load_seg_model\n'
-                                          'reg = ModelRegistry(registry)\nm, meta = load_seg_model(reg, name)\n'
+                nbformat.v4.new_code_cell('from biovis.registry import ModelRegistry\nfrom biovis.kinds import load_model\n'
+                                          'reg = ModelRegistry(registry)\nm, meta = load_model(name, registry=reg)\n'
                                           "assert train_config['width'] == 8\nprint(reg.register(name, m, meta))"),
                 nbformat.v4.new_code_cell("raise RuntimeError('boom in the segmentation pipeline')")]
     bad = tmp_path/'bad.ipynb'; nbformat.write(nb, bad)
