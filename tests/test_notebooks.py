@@ -25,9 +25,9 @@ def test_notebooks_are_clean(tmp_path):
 def test_library_is_exported_from_notebooks(tmp_path):
     _copy_project(tmp_path)
     subprocess.run([BIN/'nbdev-export'], cwd=tmp_path, check=True, capture_output=True)
-    py = sorted(p.relative_to(ROOT) for p in (ROOT/'biovis').glob('*.py'))
+    py = sorted(p.relative_to(ROOT) for p in (ROOT/'biovis').rglob('*.py') if '__pycache__' not in p.parts)
     changed = [str(p) for p in py if not filecmp.cmp(ROOT/p, tmp_path/p, shallow=False)]
-    new = sorted(set(p.relative_to(tmp_path) for p in (tmp_path/'biovis').glob('*.py')) - set(py))
+    new = sorted(set(p.relative_to(tmp_path) for p in (tmp_path/'biovis').rglob('*.py') if '__pycache__' not in p.parts) - set(py))
     assert not changed and not new, f'nbdev-export changes {changed} / adds {new}: export and commit'
 
 

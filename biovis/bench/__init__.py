@@ -1,0 +1,1 @@
+"Benchmarks: one module per benchmark, one report writer (`biovis.bench.report`)."
