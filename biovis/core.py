@@ -29,6 +29,7 @@ def set_env(setdefault: bool = False, **kw):
         elif setdefault: os.environ.setdefault(k, str(v))
         else: os.environ[k] = str(v)
 
+# %% ../nbs/00_core.ipynb #bfaeab4f
 def child_env(**kw) -> dict:
     "This process's environment with `kw` set (and `None` values removed): for a subprocess."
     e = dict(os.environ)
@@ -37,6 +38,7 @@ def child_env(**kw) -> dict:
         else: e[k] = str(v)
     return e
 
+# %% ../nbs/00_core.ipynb #8b11dcc6
 def _env_path(var, default):
     v = os.environ.get(var)
     return Path(v).expanduser() if v else Path(default)
@@ -78,6 +80,7 @@ class Settings:
     def database_url(self) -> str: return self.db_url or f"sqlite:///{self.home/'data'/'biovis.db'}"
     def as_dict(self): return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != 'secret'}
 
+# %% ../nbs/00_core.ipynb #fd814e03
 def get_settings(**overrides) -> Settings:
     "Settings from the environment, with keyword `overrides` winning."
     e = os.environ.get
@@ -128,6 +131,7 @@ def set_seed(seed: int = 42, deterministic: bool = True):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     os.environ['PYTHONHASHSEED'] = str(seed)
 
+# %% ../nbs/00_core.ipynb #53c117d7
 def get_device(prefer: str | None = None):
     "The torch device to use: `prefer` if given (or `BIOVIS_DEVICE`), else CUDA, MPS, then CPU."
     import torch
@@ -160,6 +164,7 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b''): h.update(block)
     return h.hexdigest()
 
+# %% ../nbs/00_core.ipynb #00879fb4
 def _fsync_dir(path):
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -167,6 +172,7 @@ def _fsync_dir(path):
         finally: os.close(fd)
     except OSError: pass
 
+# %% ../nbs/00_core.ipynb #933d5bfc
 def atomic_write(path, data: bytes | str, encoding: str = 'utf-8') -> Path:
     "Write `data` to `path` so that readers see the old content or the new, never a part."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,12 +33,14 @@ def calibration_bins(y_true, probs, n_bins: int = 15) -> pd.DataFrame:
                          accuracy=float((pred[m] == y_true[m]).mean()) if m.any() else np.nan))
     return pd.DataFrame(rows)
 
+# %% ../nbs/04_evaluate.ipynb #f309f0a9
 def expected_calibration_error(y_true, probs, n_bins: int = 15) -> float:
     "ECE: sum over bins of |accuracy - confidence| weighted by the bin's share of the samples."
     t = calibration_bins(np.asarray(y_true), np.asarray(probs), n_bins)
     t = t[t['count'] > 0]
     return float((t['count'] * (t['accuracy'] - t['confidence']).abs()).sum() / max(t['count'].sum(), 1))
 
+# %% ../nbs/04_evaluate.ipynb #31391e4d
 def _nll(y, probs) -> float: return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1)).mean())
 
 def _auc(y, probs, n):
@@ -51,6 +53,7 @@ def _auc(y, probs, n):
     macro = float(np.nanmean(per))
     return macro, per
 
+# %% ../nbs/04_evaluate.ipynb #b48f99c9
 def classification_metrics(y_true, probs, classes: list) -> dict:
     "Accuracy, balanced accuracy, macro F1, macro one-vs-rest AUC, ECE, NLL and per-class metrics."
     y, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=np.float64)
@@ -104,6 +107,7 @@ class Evaluation:
         return (f"Evaluation({self.split}, n={m['n']}, accuracy={m['accuracy']:.4f}, auc={m['auc']:.4f}, "
                 f"macro_f1={m['macro_f1']:.4f}, ece={m['ece']:.4f}, tta={self.tta})")
 
+# %% ../nbs/04_evaluate.ipynb #2ba0fcda
 def calibrated_metrics(y, probs_at, temperature: float, classes: list) -> tuple:
     "(`classification_metrics` of the probabilities `probs_at(temperature)`, with the ECE and NLL of `probs_at(1)` as `ece_uncalibrated` and `nll_uncalibrated`; those probabilities)."
     probs = probs_at(temperature)
@@ -113,6 +117,7 @@ def calibrated_metrics(y, probs_at, temperature: float, classes: list) -> tuple:
              nll_uncalibrated=_nll(y, raw))
     return m, probs
 
+# %% ../nbs/04_evaluate.ipynb #0a42a6c5
 def evaluate(model, ds: ImageDataset, split: str = 'test', tta: bool = False, size=None, channels=None,
              bs: int = 256, trained_on=None, temperature: float | None = None) -> Evaluation:
     "Evaluate `model` (Learner or module) on `split` of `ds`, its probabilities at `temperature` (default: the model's fitted one, else 1); `tta` averages the 8 dihedral views."
@@ -140,6 +145,7 @@ def plot_confusion(ev: Evaluation, normalize: bool = True):
                       yaxis_title='actual', yaxis_autorange='reversed', width=620, height=560)
     return fig
 
+# %% ../nbs/04_evaluate.ipynb #07896c90
 def plot_reliability(ev: Evaluation, n_bins: int = 15):
     "Reliability diagram: accuracy against confidence per bin, with the diagonal of perfect calibration."
     import plotly.graph_objects as go
@@ -151,6 +157,7 @@ def plot_reliability(ev: Evaluation, n_bins: int = 15):
                       yaxis_title='accuracy', xaxis_range=[0, 1], yaxis_range=[0, 1], width=520, height=440)
     return fig
 
+# %% ../nbs/04_evaluate.ipynb #55acfe70
 def plot_per_class(ev: Evaluation):
     "Grouped bars of precision, recall and F1 per class."
     import plotly.graph_objects as go
@@ -159,6 +166,7 @@ def plot_per_class(ev: Evaluation):
     fig.update_layout(barmode='group', title='Per-class metrics', yaxis_range=[0, 1.02], width=760, height=400)
     return fig
 
+# %% ../nbs/04_evaluate.ipynb #78091294
 def plot_top_losses(ev: Evaluation, images: np.ndarray, k: int = 8):
     "The `k` worst-predicted images of the split (`images`: the split's uint8 images), titled actual / predicted."
     import plotly.express as px

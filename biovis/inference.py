@@ -54,6 +54,7 @@ def fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:
                 if j + 2 < len(kids) and getattr(kids[j + 2][1], 'inplace', False): kids[j + 2][1].inplace = False
     return model
 
+# %% ../nbs/06_inference.ipynb #b861375e
 @register_kind('classification', 'fastai')
 class Predictor(BaseKind):
     "A classification model with its metadata, ready to classify validated inputs (the `classification.fastai` kind)."
@@ -137,6 +138,7 @@ def gradcam(model: torch.nn.Module, x: torch.Tensor, target: int | None = None):
     finally:
         h1.remove(); h2.remove(); model.train(was); model.zero_grad(set_to_none=True)
 
+# %% ../nbs/06_inference.ipynb #bd751084
 def overlay(img: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     "Blend a [0, 1] heat map (any size) onto an uint8 image as a red-yellow colour map; returns H x W x 3 uint8."
     from PIL import Image as _I
@@ -145,6 +147,7 @@ def overlay(img: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarra
     cmap = np.stack([np.clip(2 * h, 0, 1), np.clip(2 * h - 1, 0, 1), np.zeros_like(h)], -1) * 255
     return (rgb * (1 - alpha * h[..., None]) + cmap * alpha * h[..., None]).clip(0, 255).astype(np.uint8)
 
+# %% ../nbs/06_inference.ipynb #c342bb26
 @patch
 def explain(self: Predictor, src, target: int | None = None):
     "Grad-CAM of one input: (heat map at the image's own size, in [0, 1], the validated image, the `Prediction`)."
@@ -167,6 +170,7 @@ def image_stats(x: np.ndarray, raw_shapes=None) -> np.ndarray:
     hwc = np.array([(s[0], s[1], s[2] if len(s) > 2 else 1) for s in raw_shapes], np.float32).reshape(-1, 3)
     return np.concatenate([hwc, g.mean((1, 2))[:, None], g.std((1, 2))[:, None], lap.std((1, 2))[:, None]], 1)
 
+# %% ../nbs/06_inference.ipynb #7197dabc
 class _FeatureTap:
     "A forward pre-hook on the model's last linear layer that keeps its input, for the calling thread only, while asked."
     def __init__(self, model: torch.nn.Module):
@@ -183,6 +187,7 @@ class _FeatureTap:
         try: yield self.local.got
         finally: self.local.got = None
 
+# %% ../nbs/06_inference.ipynb #b198c5c1
 _TAP_LOCK = threading.Lock()
 
 @patch
@@ -195,6 +200,7 @@ def _drift_projection(self: Predictor):
             with np.load(Path(d)/info.get('file', 'drift.npz')) as z: self._proj = z['projection'].astype(np.float32)
     return self._proj
 
+# %% ../nbs/06_inference.ipynb #ebe6c35a
 @patch
 def features(self: Predictor, x: np.ndarray, reduce: bool = True):
     "(probabilities N x classes, embeddings N x k) of model inputs `x` (N x H x W x C uint8) from one forward pass; `reduce=False`: the full penultimate embeddings."
@@ -210,6 +216,7 @@ def features(self: Predictor, x: np.ndarray, reduce: bool = True):
     P = self._drift_projection()     # no reference, nothing to compare with: no embedding (keeps the logged row small)
     return probs, (e @ P if P is not None else np.zeros((len(e), 0), np.float32))
 
+# %% ../nbs/06_inference.ipynb #1631b87f
 @patch
 def drift_features(self: Predictor, x: np.ndarray, raw_shapes=None) -> tuple:
     "(probabilities, drift features: the reduced embedding then `IMAGE_STATS`, N x (k + 6)) of model inputs `x`, from one forward pass."

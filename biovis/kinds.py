@@ -27,6 +27,7 @@ def register_kind(task: str, backend: str = 'fastai'):
         return cls
     return _register
 
+# %% ../nbs/05a_kinds.ipynb #22681004
 def _entry_points() -> dict:
     return {ep.name: ep for ep in entry_points(group=KIND_GROUP)}
 
@@ -64,6 +65,7 @@ def load_predictor(name: str, ref: str = 'production', registry: ModelRegistry |
     p.drift_dir = reg.path(name, meta['version'])    # where its drift reference lives
     return p
 
+# %% ../nbs/05a_kinds.ipynb #2bf27690
 class BaseKind:
     "Base of every kind's predictor class: `from_registry` through the table, and the identity of the version."
     task = backend = None

@@ -75,6 +75,7 @@ def load_lite0_imagenet(model: nn.Module) -> nn.Module:
     model.load_state_dict(new, strict=False)
     return model
 
+# %% ../nbs/02_models.ipynb #87743b7a
 def efficientnet_lite0(n_classes: int, in_channels: int = 3, pretrained: bool = True, drop_rate: float = 0.2) -> nn.Module:
     "timm EfficientNet-Lite0, with the offline ImageNet weights when `pretrained`, and a new head."
     import timm
@@ -97,6 +98,7 @@ class ArchSpec:
     pretrained: bool = False
     doc: str = ''
 
+# %% ../nbs/02_models.ipynb #6bbb59b2
 ARCHS = {
     'cnn_small': ArchSpec(SmallCNN, 28, doc='ResNet-9-style CNN, width 16 (default, fast on CPU)'),
     'cnn_wide': ArchSpec(lambda n_classes, in_channels=3: SmallCNN(n_classes, in_channels, width=32), 28,
@@ -112,6 +114,7 @@ def create_model(arch: str, n_classes: int, in_channels: int = 3, pretrained: bo
     if spec.pretrained: return spec.fn(n_classes, in_channels=in_channels, pretrained=pretrained)
     return spec.fn(n_classes, in_channels=in_channels)
 
+# %% ../nbs/02_models.ipynb #34b4d0f0
 def set_normalization(model: nn.Module, mean, std) -> nn.Module:
     "Set the statistics of the model's first `Normalize` layer (for models trained from scratch)."
     norm = next(m for m in model.modules() if isinstance(m, Normalize))
@@ -139,6 +142,7 @@ def _run_batches(model, x: np.ndarray, bs: int, device, head) -> np.ndarray:
         if was_training: model.train()
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
+# %% ../nbs/02_models.ipynb #220ede29
 def predict_logits(model, x: np.ndarray, bs: int = 256, device=None) -> np.ndarray:
     "The class scores before the softmax (logits) of `model` for `uint8` images `x` (N x H x W x C)."
     return _run_batches(model, x, bs, device, model)
@@ -149,6 +153,7 @@ def predict_proba(model, x: np.ndarray, bs: int = 256, tta: bool = False, device
     p = lambda xb: F.softmax(model(xb) / t, 1)
     return _run_batches(model, x, bs, device, (lambda xb: torch.stack([p(_dihedral(xb, k)) for k in range(8)]).mean(0)) if tta else p)
 
+# %% ../nbs/02_models.ipynb #049f7692
 def temper(probs: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     "Softmax probabilities `probs` (N x classes) at temperature `temperature`: softmax(log(probs) / T), equal to softmax(logits / T)."
     if temperature == 1: return probs

@@ -37,6 +37,7 @@ class ArrayDataset:
     def __len__(self): return len(self.y)
     def __getitem__(self, i): return self.x[i].float() / 255, self.y[i]
 
+# %% ../nbs/03_train.ipynb #e40a8119
 class ArrayDL(DataLoader):
     "A fastai `DataLoader` over an `ArrayDataset` that builds each batch with one slice."
     def create_batches(self, samps):
@@ -46,6 +47,7 @@ class ArrayDL(DataLoader):
             x = (ds.x[i].float() / 255).contiguous(memory_format=torch.channels_last)
             yield x, ds.y[i]
 
+# %% ../nbs/03_train.ipynb #910244a0
 def _to_tensors(x: np.ndarray, y: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(np.asarray(y, dtype=np.int64))
 
@@ -79,6 +81,7 @@ def random_affine(x: torch.Tensor, rotate: str = 'dihedral', shift: int = 2, sca
     grid = F.affine_grid(theta.to(dev), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
 
+# %% ../nbs/03_train.ipynb #7b185270
 def color_jitter(x: torch.Tensor, jitter: float = 0.2, generator=None) -> torch.Tensor:
     "Random brightness, contrast and (for RGB) saturation per image, within +-`jitter`."
     n, dev = x.shape[0], x.device
@@ -89,6 +92,7 @@ def color_jitter(x: torch.Tensor, jitter: float = 0.2, generator=None) -> torch.
         g = x.mean(1, keepdim=True); x = (x - g) * f() + g
     return x.clamp(0, 1)
 
+# %% ../nbs/03_train.ipynb #ba777866
 class MicroscopyAug(Callback):
     "Random rotation/mirror, shift and colour jitter on every training batch."
     order = 5
@@ -106,6 +110,7 @@ def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
     z = z - z.max(1, keepdims=True)
     return float((np.log(np.exp(z).sum(1)) - z[np.arange(len(z)), np.asarray(y, int)]).mean())
 
+# %% ../nbs/03_train.ipynb #a960edfd
 def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(0.05, 20.0)) -> float:
     "The temperature T in `bounds` minimising `nll` of `logits` and labels `y` (bounded search in log T, deterministic); 1 unless it lowers the NLL."
     from scipy.optimize import minimize_scalar
@@ -116,6 +121,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(0.05, 20.0)) -> f
     t = math.exp(r.x)
     return t if nll(logits, y, t) < nll(logits, y) else 1.0
 
+# %% ../nbs/03_train.ipynb #bc1894fd
 def calibrate(logits_of, ds: ImageDataset, split: str | None = 'valid', train_splits=('train',), size=None, channels=None) -> dict:
     "A model's `calibration` metadata: the temperature fitted on `split` of `ds`, `logits_of(x)` giving the logits (or log-probabilities) of `uint8` images `x`; T = 1 with a note when `split` is None, empty or trained on."
     none = lambda why: dict(method='temperature', temperature=1.0, fitted_on=None, note=why)
