@@ -130,7 +130,7 @@ def cmd_benchmark(a):
     if a.serving:
         from biovis.serve import serving_benchmark
         serving_benchmark(model=a.model, out_dir=a.out, registry=_registry(a)); return
-    from biovis.benchmark import run_benchmark
+    from biovis.bench.classification import run_benchmark
     run_benchmark(data=a.data, out_dir=a.out, train_budget_s=a.budget, arch=a.arch, epochs=a.epochs, seeds=a.seeds)
 
 # %% ../nbs/08_cli.ipynb #c61cd69d
@@ -372,7 +372,7 @@ def cmd_models_export(a):
 
 def cmd_train_keras(a):
     from biovis.data import load_dataset
-    from biovis.keras_backend import train_and_register_keras
+    from biovis.keras_train import train_and_register_keras
     ds = load_dataset(a.data); print(ds)
     arch = 'cnn_small' if a.arch in (None, 'cnn_small') else a.arch
     model, ev, v = train_and_register_keras(ds, name=a.name, arch=arch, registry=_registry(a), promote='always' if a.promote else 'if-better',
@@ -439,7 +439,7 @@ def _add_keras_parsers(sub):
     b.add_argument('--keras-arch', default='cnn_small', choices=['cnn_small', 'mobilenetv2'], help='with --keras: the Keras network')
     def _bench(a):
         if not a.keras: return bench_fn(a)
-        from biovis.keras_backend import keras_benchmark
+        from biovis.bench.keras import keras_benchmark
         keras_benchmark(data=a.data, out_dir=a.out, budget_s=a.keras_budget, keras_arch=a.keras_arch)
     b.set_defaults(fn=_bench)
 

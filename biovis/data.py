@@ -5,149 +5,23 @@ class sub-folders, CSV lists and DICOM files; image validation; manifests and da
 
 # %% ../nbs/01_data.ipynb #0504da53
 from __future__ import annotations
-import csv, hashlib, io, os, random, tempfile, urllib.request, warnings
+import csv, hashlib, io, os, random, tempfile, urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 
-from .core import get_settings, sample_path, sha256_bytes, sha256_file, atomic_write, get_logger, SAMPLE_NAME, Settings
-from .errors import InvalidImageError, UploadTooLargeError
+from .core import get_settings, sample_path, sha256_bytes, sha256_file, atomic_write, get_logger, SAMPLE_NAME
+from .errors import InvalidImageError, UploadTooLargeError  # noqa: F401  (re-exported: biovis.data's names of old)
+from .images import (IMAGE_EXTS, MAX_BYTES, MAX_SIDE, MAX_PIXELS, read_image, to_model_input,  # noqa: F401  (re-exported)
+                           write_dicom)
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'MAX_BYTES', 'MAX_SIDE', 'MAX_PIXELS', 'SPLITS', 'MEDMNIST_CLASSES', 'BLOODMNIST_URL', 'BLOODMNIST_MD5',
-           'read_image', 'to_model_input', 'ImageDataset', 'from_npz', 'from_folder', 'from_csv', 'export_folder',
-           'write_dicom', 'find_bloodmnist', 'load_dataset', 'DataFetchError', 'fetch_bloodmnist', 'make_sample']
-
-# %% ../nbs/01_data.ipynb #fda3973b
-IMAGE_EXTS = set(Settings.image_exts)               # the defaults of `biovis.core.Settings`, the one place they are written
-MAX_BYTES = Settings.max_upload_mb * 2**20          # 20 MB, the upload limit of the server
-MAX_SIDE = Settings.max_side
-MAX_PIXELS = Settings.max_pixels                    # 64 Mpx; PIL's own bomb check fires at 2 x 89 Mpx
-
-def _is_dicom_bytes(b: bytes) -> bool: return len(b) > 132 and b[128:132] == b'DICM'
-
-def _dicom_to_array(ds) -> np.ndarray:
-    try: a = ds.pixel_array.astype(np.float64)
-    except Exception as e: raise InvalidImageError(f'DICOM without readable pixel data: {e}') from None
-    if a.ndim == 3 and a.shape[-1] not in (3,): a = a[0]           # multi-frame: first frame
-    slope, inter = float(getattr(ds, 'RescaleSlope', 1) or 1), float(getattr(ds, 'RescaleIntercept', 0) or 0)
-    a = a * slope + inter
-    wc, ww = getattr(ds, 'WindowCenter', None), getattr(ds, 'WindowWidth', None)
-    if wc is not None and ww is not None:
-        wc = float(wc[0] if hasattr(wc, '__len__') and not isinstance(wc, str) else wc)
-        ww = float(ww[0] if hasattr(ww, '__len__') and not isinstance(ww, str) else ww)
-        lo, hi = wc - ww / 2, wc + ww / 2
-    else: lo, hi = float(a.min()), float(a.max())
-    a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)
-    if str(getattr(ds, 'PhotometricInterpretation', '')).upper() == 'MONOCHROME1': a = 1 - a
-    return (a * 255 + 0.5).astype(np.uint8)
-
-def _check_dims(w, h, max_side, max_pixels):
-    if w <= 0 or h <= 0: raise InvalidImageError(f'image has a zero-sized side ({w}x{h})')
-    if w > max_side or h > max_side:
-        raise InvalidImageError(f'image is {w}x{h} pixels; the longest side allowed is {max_side}')
-    if w * h > max_pixels:
-        raise InvalidImageError(f'image is {w}x{h} = {w*h/1e6:.0f} Mpx, over the limit of {max_pixels/1e6:.0f} Mpx '
-                                '(a decompression bomb?)')
-
-def _pil_to_array(im: Image.Image) -> np.ndarray:
-    mode = im.mode
-    if mode in ('RGB', 'L'): return np.asarray(im, dtype=np.uint8)
-    if mode == '1': return np.asarray(im.convert('L'), dtype=np.uint8)
-    if mode in ('CMYK', 'YCbCr', 'LAB', 'HSV', 'P', 'PA'):
-        if mode in ('P', 'PA') and ('transparency' in im.info or mode == 'PA'): im = im.convert('RGBA'); mode = 'RGBA'
-        else: return np.asarray(im.convert('RGB'), dtype=np.uint8)
-    if mode in ('RGBA', 'LA', 'RGBa', 'La'):
-        a = np.asarray(im.getchannel('A'))
-        if a.size and a.min() < 255:
-            raise InvalidImageError(f'image has transparency ({mode}, {100*(a < 255).mean():.1f}% of pixels not opaque); '
-                                    'flatten it onto a background first')
-        return np.asarray(im.convert('RGB' if mode.startswith('RGB') else 'L'), dtype=np.uint8)
-    if mode.startswith('I;16') or (mode == 'I' and im.info.get('biovis_16bit')):
-        a = np.asarray(im).astype(np.float64)
-        return np.clip(a / 257 + 0.5, 0, 255).astype(np.uint8)
-    if mode == 'I':
-        a = np.asarray(im)
-        if a.size and a.min() >= 0 and a.max() <= 65535:  # 16-bit data that PIL opened as 32-bit (16-bit PNG)
-            return np.clip(a.astype(np.float64) / 257 + 0.5, 0, 255).astype(np.uint8)
-        raise InvalidImageError('32-bit integer images are not supported: values outside 0..65535')
-    raise InvalidImageError(f'unsupported image mode {mode!r}')
-
-def _array_to_image_array(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a)
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3, 4): a = np.moveaxis(a, 0, -1)  # CHW -> HWC
-    if a.ndim == 3 and a.shape[-1] == 1: a = a[..., 0]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
-        raise InvalidImageError(f'array of shape {a.shape} is not an image (H x W, H x W x 3 or H x W x 4)')
-    if a.size == 0: raise InvalidImageError(f'array of shape {a.shape} is empty')
-    if a.dtype == np.uint8: pass
-    elif a.dtype == np.uint16: a = np.clip(a / 257 + 0.5, 0, 255).astype(np.uint8)
-    elif a.dtype == bool: a = a.astype(np.uint8) * 255
-    elif np.issubdtype(a.dtype, np.floating):
-        if not np.isfinite(a).all(): raise InvalidImageError('float image contains NaN or infinity')
-        if a.min() < 0 or a.max() > 1: raise InvalidImageError('float images must have values in [0, 1]')
-        a = (a * 255 + 0.5).astype(np.uint8)
-    else: raise InvalidImageError(f'unsupported array dtype {a.dtype}')
-    if a.ndim == 3 and a.shape[-1] == 4:
-        if a[..., 3].min() < 255: raise InvalidImageError('image has transparency (alpha below 255); flatten it first')
-        a = a[..., :3]
-    return np.ascontiguousarray(a)
-
-def read_image(src, max_bytes: int = MAX_BYTES, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    "Decode and validate `src` (path, bytes, PIL image, array or pydicom dataset) into an `uint8` HxW or HxWx3 array."
-    if isinstance(src, np.ndarray): return _array_to_image_array(src)
-    if isinstance(src, Image.Image):
-        _check_dims(*src.size, max_side, max_pixels)
-        return _pil_to_array(src)
-    if type(src).__name__ in ('FileDataset', 'Dataset') and hasattr(src, 'pixel_array') or hasattr(src, 'PixelData'):
-        return _dicom_to_array(src)
-    if isinstance(src, (str, os.PathLike)):
-        p = Path(src)
-        if not p.is_file(): raise InvalidImageError(f'no such file: {p}')
-        size = p.stat().st_size
-        if size > max_bytes: raise UploadTooLargeError(f'{p.name} is {size/2**20:.1f} MB; the limit is {max_bytes/2**20:.0f} MB')
-        b = p.read_bytes()
-    elif isinstance(src, (bytes, bytearray, memoryview)): b = bytes(src)
-    else: raise InvalidImageError(f'cannot read an image from a {type(src).__name__}')
-    if len(b) == 0: raise InvalidImageError('empty file: 0 bytes')
-    if len(b) > max_bytes: raise UploadTooLargeError(f'input is {len(b)/2**20:.1f} MB; the limit is {max_bytes/2**20:.0f} MB')
-    if _is_dicom_bytes(b):
-        import pydicom
-        try: ds = pydicom.dcmread(io.BytesIO(b))
-        except Exception as e: raise InvalidImageError(f'corrupt DICOM file: {e}') from None
-        rows, cols = int(getattr(ds, 'Rows', 0) or 0), int(getattr(ds, 'Columns', 0) or 0)
-        _check_dims(cols, rows, max_side, max_pixels)
-        return _dicom_to_array(ds)
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('error', Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(b))
-            _check_dims(*im.size, max_side, max_pixels)   # from the header, before any pixel is decoded
-            im.load()
-    except InvalidImageError: raise
-    except UnidentifiedImageError: raise InvalidImageError('not an image: the content is no known image format') from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InvalidImageError(f'decompression bomb: {e}') from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InvalidImageError(f'corrupt or truncated image: {e}') from None
-    if getattr(im, 'n_frames', 1) > 1: im.seek(0)
-    return _pil_to_array(im)
-
-# %% ../nbs/01_data.ipynb #68f5ef26
-def to_model_input(a: np.ndarray, size: int | tuple[int, int], channels: int = 3) -> np.ndarray:
-    "Convert an `uint8` image array to `channels` channels and `size` (int or (H, W)); returns HxWxC uint8."
-    h, w = (size, size) if isinstance(size, int) else size
-    if a.shape[:2] == (h, w) and (a.ndim == 3 and a.shape[2] == channels == 3): return a   # already fits
-    if a.ndim == 2 and channels == 3: im = Image.fromarray(a, 'L').convert('RGB')
-    elif a.ndim == 3 and channels == 1: im = Image.fromarray(a, 'RGB').convert('L')
-    else: im = Image.fromarray(a)
-    if im.size != (w, h): im = im.resize((w, h), Image.BILINEAR)
-    out = np.asarray(im, dtype=np.uint8)
-    return out[..., None] if out.ndim == 2 else out
+__all__ = ['SPLITS', 'MEDMNIST_CLASSES', 'BLOODMNIST_URL', 'BLOODMNIST_MD5', 'ImageDataset', 'from_npz', 'from_folder',
+           'from_csv', 'export_folder', 'find_bloodmnist', 'load_dataset', 'DataFetchError', 'fetch_bloodmnist',
+           'make_sample']
 
 # %% ../nbs/01_data.ipynb #fe4e3d28
 SPLITS = ('train', 'valid', 'test')
@@ -361,25 +235,6 @@ def export_folder(ds: ImageDataset, dest, fmt: str = 'png', per_class: int | Non
             (dest/s/c).mkdir(parents=True, exist_ok=True)
             for i in ix: Image.fromarray(ds.image(i)).save(dest/s/c/f'{i:06d}.{fmt}')
     return dest
-
-# %% ../nbs/01_data.ipynb #ce171d44
-def write_dicom(a: np.ndarray, path, bits: int = 12, monochrome1: bool = False) -> Path:
-    "Write a grayscale `uint16`/`uint8` array as a minimal DICOM file (for examples and tests)."
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid, SecondaryCaptureImageStorage
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b'\0' * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = 'OT', 'ANON'
-    ds.Rows, ds.Columns = a.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, 'MONOCHROME1' if monochrome1 else 'MONOCHROME2'
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
-    ds.PixelData = a.astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    return Path(path)
 
 # %% ../nbs/01_data.ipynb #db2750af
 def find_bloodmnist(data_root=None) -> Path | None:

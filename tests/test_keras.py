@@ -23,7 +23,8 @@ def test_torch_paths_do_not_import_tensorflow():
 def keras_files(tmp_path_factory, sample_ds):
     "A small Keras CNN trained for 1 epoch on 300 sample images, saved as .h5 and .keras; with its test probabilities."
     from biovis.data import ImageDataset
-    from biovis.keras_backend import train_keras, keras_predict_proba
+    from biovis.keras_backend import keras_predict_proba
+    from biovis.keras_train import train_keras
     ds = sample_ds
     keep = np.concatenate([ds.idxs('train')[:300], ds.idxs('valid')])
     small = ImageDataset(ds.classes, ds.labels[keep], ds.splits[keep], array=ds.array[keep], name='sample300')
