@@ -59,6 +59,7 @@ def read_mask(src, n_classes: int = 2, shape: tuple | None = None, max_bytes: in
     if bad: raise InvalidMaskError(f'mask values must be class indices 0..{n_classes - 1}; found {bad[:5]}')
     return a.astype(np.uint8)
 
+# %% ../../nbs/16_segment.data.ipynb #0d8d73c9
 def mask_to_png(mask: np.ndarray, n_classes: int = 2) -> bytes:
     "Encode class indices as a PNG: 0/255 for a binary mask, the indices themselves for multi-class."
     m = np.asarray(mask, dtype=np.uint8)
@@ -169,6 +170,7 @@ def is_seg_folder(path) -> bool:
     if p is None or not p.is_dir(): return False
     return _pairs(p) is not None or any(_pairs(p/s) is not None for s in ('train', 'valid', 'val', 'test') if (p/s).is_dir())
 
+# %% ../../nbs/16_segment.data.ipynb #7361c817
 def _detect_classes(mask_paths, limit: int = 64) -> list:
     vals = set()
     for p in mask_paths[:limit]: vals |= set(np.unique(_mask_array(p)).tolist())
@@ -249,6 +251,7 @@ def find_seg_data(name: str) -> Path | None:
         if (Path(r)/sub).is_dir(): return Path(r)/sub
     return None
 
+# %% ../../nbs/16_segment.data.ipynb #e873bd84
 def load_seg_dataset(source, **kw) -> SegDataset:
     "A segmentation data set from a folder or a shared name (`crackforest`, `isbi2012` with membranes as foreground)."
     if str(source) in ('crackforest', 'isbi2012'):

@@ -30,6 +30,7 @@ def pixel_counts(pred: np.ndarray, true: np.ndarray, tol: int = 2) -> dict:
     return dict(tp=tp, fp=int(p.sum()) - tp, fn=int(t.sum()) - tp, n_p=int(p.sum()), n_t=int(t.sum()),
                 tp_p=int((p & _dilate(t, tol)).sum()), tp_r=int((t & _dilate(p, tol)).sum()))
 
+# %% ../../nbs/16_segment.metrics.ipynb #7b266fb2
 def _ratio(a, b, empty=1.0): return a / b if b else empty
 
 def scores(c: dict) -> dict:
@@ -41,6 +42,7 @@ def scores(c: dict) -> dict:
     return dict(dice=_ratio(2 * tp, 2 * tp + fp + fn), iou=_ratio(tp, tp + fp + fn), precision=p, recall=r,
                 f1=_ratio(2 * p * r, p + r, 0.0), precision_tol=pt, recall_tol=rt, f1_tol=_ratio(2 * pt * rt, pt + rt, 0.0))
 
+# %% ../../nbs/16_segment.metrics.ipynb #3acb7c06
 @dataclass
 class SegEvaluation:
     "Metrics on a split: `metrics` (overall, pooled over images), `per_image` (one row per image and class)."
@@ -52,6 +54,7 @@ class SegEvaluation:
         return (f"SegEvaluation({m.get('split')}, n={m.get('n')}: Dice {m['dice']:.4f}, IoU {m['iou']:.4f}, "
                 f"F1 {m['f1']:.4f}, F1@{m['tol']}px {m['f1_tol']:.4f})")
 
+# %% ../../nbs/16_segment.metrics.ipynb #ac26ea0e
 def seg_metrics(preds, trues, n_classes: int = 2, tol: int = 2, names=None) -> SegEvaluation:
     "Score predicted masks against true ones (lists of H x W class indices); foreground classes macro-averaged."
     if len(preds) != len(trues): raise ValueError('as many predictions as true masks are needed')

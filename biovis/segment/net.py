@@ -30,6 +30,7 @@ class AttentionGate(nn.Module):
         a = self.psi(self.wx(x) + self.wg(g))
         return x * a
 
+# %% ../../nbs/16_segment.net.ipynb #b863725f
 class AttentionUNet(nn.Module):
     "U-Net with attention gates on the skip connections; outputs one logit map per class (one in all for binary)."
     def __init__(self, in_channels: int = 3, n_classes: int = 2, width: int = 16, depth: int = 4):
@@ -72,6 +73,7 @@ class DiceBCELoss(nn.Module):
             dice = ((2 * (p * t).sum((0, 2, 3)) + self.smooth) / (p.sum((0, 2, 3)) + t.sum((0, 2, 3)) + self.smooth)).mean()
         return ce + self.dice_weight * (1 - dice)
 
+# %% ../../nbs/16_segment.net.ipynb #b7f14315
 def probs_to_mask(probs: torch.Tensor | np.ndarray, threshold: float = 0.5):
     "Class indices from probabilities: N x 1 x H x W foreground probabilities -> threshold; N x K x H x W -> argmax."
     if probs.shape[1] == 1: return (probs[:, 0] >= threshold)
