@@ -31,6 +31,7 @@ setup(
                     'keras': cfg['keras_requirements'].split(), 'onnx': cfg['onnx_requirements'].split()},
     entry_points={'console_scripts': cfg['console_scripts'].split(),
                   'nbdev': ['biovis=biovis._modidx:d'],
-                  'biovis.kinds': cfg['kinds'].split()},
+                  'biovis.kinds': cfg['kinds'].split(),
+                  'biovis.retrain': cfg['retrain'].split()},
     zip_safe=False,
 )

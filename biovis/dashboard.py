@@ -5,7 +5,7 @@ reference, feedback volume and accuracy, model versions and retraining runs."""
 
 # %% ../nbs/14_dashboard.ipynb #8489f773
 from __future__ import annotations
-import json, os, secrets, threading, time
+import json, secrets, threading, time
 from datetime import datetime, timezone
 from functools import wraps
 from pathlib import Path
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import get_settings, get_logger
+from .core import get_settings, get_logger, set_env
 from .registry import ModelRegistry, ALIASES
 from .inference import IMAGE_STATS
 
@@ -206,7 +206,7 @@ def store_auth_provider():
 
 def auth_required() -> bool:
     "Login required? `BIOVIS_AUTH` (1/true/yes), as for the demo."
-    return os.environ.get('BIOVIS_AUTH', '').lower() in ('1', 'true', 'yes')
+    return get_settings().auth
 
 def build_dashboard(refresh_s: float = 30, models_dir=None, db_url=None):
     "The dashboard as a Panel template, ready to `.servable()` or serve."
@@ -258,8 +258,8 @@ def serve_dashboard(host: str = '127.0.0.1', port: int = 5006, auth: bool | None
     "Serve the dashboard on `host:port` (blocking); with `auth` (default: `BIOVIS_AUTH`) behind the store's admin login."
     import panel as pn
     auth = auth_required() if auth is None else auth
-    if auth: os.environ['BIOVIS_AUTH'] = '1'
-    kw = dict(auth_provider=store_auth_provider(), cookie_secret=os.environ.get('BIOVIS_SECRET') or secrets.token_hex(32)) if auth else {}
+    if auth: set_env(BIOVIS_AUTH='1')       # the sessions Panel starts read it through the settings
+    kw = dict(auth_provider=store_auth_provider(), cookie_secret=get_settings().secret or secrets.token_hex(32)) if auth else {}
     origins = [f'{host}:{port}', f'localhost:{port}', f'127.0.0.1:{port}']
     print(f'biovis dashboard on http://{host}:{port}/' + (' (admin login)' if auth else ''), flush=True)
     pn.serve({'/': lambda: build_dashboard(refresh_s)}, port=port, address=host, show=show, websocket_origin=origins,

@@ -4,16 +4,16 @@
 
 # %% ../nbs/15a_tracking.ipynb #b4249e55
 from __future__ import annotations
-import json, os, shutil, struct, subprocess, sys
+import json, shutil, struct, subprocess, sys
 from pathlib import Path
 
 import numpy as np
 
-from .core import get_settings, get_logger, git_commit
+from .core import get_settings, get_logger, git_commit, env, set_env, read_json, write_json, atomic_write
 
 # %% auto #0
 __all__ = ['TrackingError', 'wandb_settings', 'start_run', 'fastai_callback', 'log_evaluation', 'log_model', 'offline_runs',
-           'read_run', 'epoch_metrics', 'sync_runs']
+           'read_run', 'epoch_metrics', 'sync_runs', 'list_runs', 'compare_runs']
 
 # %% ../nbs/15a_tracking.ipynb #5eeaa59b
 class TrackingError(RuntimeError):
@@ -30,7 +30,7 @@ def wandb_settings(**overrides) -> dict:
 
 def start_run(config: dict | None = None, name: str | None = None, job_type: str = 'train', tags=None, **overrides):
     "`wandb.init` with the biovis settings; the config gets the git commit. Returns the run."
-    os.environ.setdefault('WANDB_SILENT', 'true')
+    set_env(setdefault=True, WANDB_SILENT='true')
     import wandb
     ws = wandb_settings(**overrides)
     Path(ws['dir']).mkdir(parents=True, exist_ok=True)
@@ -149,8 +149,8 @@ def epoch_metrics(run: dict, key: str = 'accuracy') -> list:
 
 # %% ../nbs/15a_tracking.ipynb #00841205
 def _has_key() -> bool:
-    if os.environ.get('WANDB_API_KEY'): return True
-    netrc = Path(os.environ.get('NETRC', Path.home()/'.netrc'))
+    if env('WANDB_API_KEY'): return True
+    netrc = Path(env('NETRC', Path.home()/'.netrc'))
     try: return 'api.wandb.ai' in netrc.read_text()
     except OSError: return False
 
@@ -163,3 +163,51 @@ def sync_runs(root=None, dry_run: bool = False) -> list:
     r = subprocess.run([exe, 'sync', '--include-offline', *map(str, runs)], capture_output=True, text=True)
     if r.returncode != 0: raise TrackingError(f'wandb sync failed: {r.stderr[-2000:] or r.stdout[-2000:]}')
     return runs
+
+# %% ../nbs/15a_tracking.ipynb #a2736ae0
+_COMPARE = ('accuracy', 'balanced_accuracy', 'macro_f1', 'auc', 'ece')
+
+def list_runs(reports_dir=None) -> list:
+    "Finished pipeline runs (those with a `result.json`) under `reports/runs/`, oldest first."
+    root = Path(reports_dir or get_settings().reports_dir)/'runs'
+    return sorted((d for d in root.glob('*') if (d/'result.json').exists()), key=lambda d: d.name)
+
+def compare_runs(n: int = 5, reports_dir=None, out=None) -> Path:
+    "Plotly comparison of the last `n` runs (metrics side by side, per-epoch accuracy) into `reports/runs/compare.html`."
+    import plotly.graph_objects as go
+    runs = list_runs(reports_dir)[-n:]
+    if not runs: raise FileNotFoundError('no finished pipeline runs under reports/runs/: run `biovis retrain` first')
+    rows = []
+    for d in runs:
+        r = read_json(d/'result.json'); m = r.get('metrics', {})
+        row = dict(run=d.name, version=r.get('version'), promoted=r.get('promoted'), dataset=str(r.get('dataset_version', ''))[:12],
+                   **{k: m.get(k) for k in _COMPARE}, epochs=[])
+        if r.get('wandb_dir'):
+            try: row['epochs'] = [(e, v) for e, v in ((h.get('epoch'), h.get('accuracy')) for h in read_run(r['wandb_dir'], wait=0)['history']) if v is not None]
+            except Exception: pass
+        rows.append(row)
+    bars = go.Figure([go.Bar(name=f"{r['version']} ({r['run'][:15]})", x=list(_COMPARE), y=[r[k] for k in _COMPARE]) for r in rows])
+    bars.update_layout(barmode='group', title=f'Holdout metrics of the last {len(rows)} runs', yaxis_range=[0, 1.02], width=900, height=420)
+    lines = go.Figure([go.Scatter(name=r['version'], x=[e for e, _ in r['epochs']], y=[v for _, v in r['epochs']], mode='lines+markers') for r in rows])
+    lines.update_layout(title='Validation accuracy per epoch (from W&B)', xaxis_title='epoch', yaxis_title='accuracy', width=900, height=380)
+    table = ''.join(f"<tr><td>{r['run']}</td><td>{r['version']}</td><td>{r['promoted']}</td><td>{r['dataset']}</td>"
+                    + ''.join(f"<td>{r[k]:.4f}</td>" if isinstance(r[k], float) else '<td></td>' for k in _COMPARE) + '</tr>' for r in rows)
+    html = ('<!doctype html><html><head><meta charset="utf-8"><title>biovis runs</title></head><body style="font-family:sans-serif">'
+            f'<h1>Last {len(rows)} pipeline runs</h1><table><tr><th>run</th><th>version</th><th>promoted</th><th>dataset</th>'
+            + ''.join(f'<th>{k}</th>' for k in _COMPARE) + f'</tr>{table}</table>'
+            + bars.to_html(full_html=False, include_plotlyjs=True) + lines.to_html(full_html=False, include_plotlyjs=False) + '</body></html>')
+    out = Path(out or Path(reports_dir or get_settings().reports_dir)/'runs'/'compare.html')
+    write_json(out.with_suffix('.json'), [{k: v for k, v in r.items()} for r in rows])
+    atomic_write(out, html)
+    if wandb_settings()['mode'] == 'online': _wandb_report(rows)
+    return out
+
+def _wandb_report(rows):
+    "A W&B Report of the compared runs (online only; needs `wandb-workspaces`)."
+    try: import wandb_workspaces.reports.v2 as wr
+    except ImportError:
+        get_logger('pipeline').warning('W&B online but wandb-workspaces is not installed: no W&B Report made'); return None
+    ws = wandb_settings()
+    rep = wr.Report(project=ws['project'], entity=ws['entity'], title='biovis: last pipeline runs',
+                    blocks=[wr.PanelGrid(panels=[wr.BarPlot(title=k, metrics=[f'test/{k}']) for k in _COMPARE])])
+    return rep.save()

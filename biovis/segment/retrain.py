@@ -11,6 +11,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from PIL import Image
+
 from ..core import get_settings, get_logger, write_json
 from ..data import read_image, InvalidImageError
 from ..dataset_versions import _pixel_hash, _version_info, _publish_version, load_dataset_version
@@ -25,7 +27,6 @@ __all__ = ['build_seg_dataset_version']
 # %% ../../nbs/16b_segment.retrain.ipynb #6dfbf0a2
 def _store_pairs(rows: list, store, n_classes: int, invert: bool, skip, stats: dict) -> dict:
     "The latest correction of each image in `rows`, keyed by the image's pixel hash: {hash: (row, image file, mask PNG as the data set's files hold it)}."
-    from biovis.segment import read_mask, mask_to_png
     by_sha = {}
     for k, r in enumerate(rows): by_sha[r['image_sha']] = (k, r)          # rows come oldest first: the later one wins
     out = {}
@@ -45,8 +46,6 @@ def _store_pairs(rows: list, store, n_classes: int, invert: bool, skip, stats: d
 # %% ../../nbs/16b_segment.retrain.ipynb #9920b417
 def build_seg_dataset_version(base, rows: list, store, out_root=None, name: str | None = None) -> tuple:
     "Base image + mask pairs + the corrected masks of `rows` (latest per image) in the train split, as a versioned folder. Returns (SegDataset, info)."
-    from PIL import Image
-    from biovis.segment import IMAGE_EXTS, from_seg_folder
     log = get_logger('pipeline')
     name = name or base.name
     stats = dict(rows=len(rows), images=len({r['image_sha'] for r in rows}), added=0, replaced=0, duplicates=0, in_holdout=0, in_valid=0,
@@ -79,7 +78,7 @@ def build_seg_dataset_version(base, rows: list, store, out_root=None, name: str 
             (tmp/'train'/'masks'/f'{stem}.png').write_bytes(png)
         ds = from_seg_folder(tmp, classes=list(base.classes), invert=base.invert, name=name)
         if len(ds) != len(base) + len(added): raise PipelineError(f'{name}: wrote {len(base) + len(added)} pairs but read back {len(ds)}')
-        info.update(_version_info(ds, base, stats, task='segmentation', invert=base.invert))
+        info.update(_version_info(ds, base, stats, task=TASK, invert=base.invert))
         ds.save_manifest(tmp/'manifest.csv'); write_json(tmp/'info.json', info)
         return ds.version
     final = _publish_version(Path(out_root or get_settings().home/'data'/'versions'/name), write)
