@@ -6,9 +6,9 @@
 Settings come from the environment (BIOVIS_HOME, BIOVIS_MODELS, BIOVIS_DB_URL, BIOVIS_AUTH, ...).
 Nothing is loaded at import: the models and the store load when the app is made.
 """
-import os
+from biovis.core import set_env
 
-os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')
+set_env(setdefault=True, GRADIO_ANALYTICS_ENABLED='False')
 
 
 def make_app():

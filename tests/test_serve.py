@@ -270,11 +270,11 @@ def test_gradio_client_classifies_and_flags(server, cells, tmp_path):
     from gradio_client import Client, handle_file
     (tmp_path/'cell.png').write_bytes(cells[2][0])
     cl = Client(server.url + '/ui/', verbose=False)
-    label, cam, info, table = cl.predict([handle_file(str(tmp_path/'cell.png'))], 'blood', api_name='/_classify')
+    label, cam, info, table = cl.predict([handle_file(str(tmp_path/'cell.png'))], 'blood', api_name='/classify')
     assert label['label'] in {c['label'] for c in label['confidences']}
     n = server.db_count('feedback')
     pid = info.split('`')[1]
-    msg = cl.predict(pid, cells[2][1], api_name='/_correct')
+    msg = cl.predict(pid, cells[2][1], api_name='/correct')
     assert 'Saved' in msg and server.db_count('feedback') == n + 1
 
 
