@@ -88,3 +88,20 @@ def test_usage_errors(tmp_path):
     assert run_cli('train', '--data', tmp_path/'missing', home=tmp_path).returncode == 4
     r = run_cli('--help', home=tmp_path, check=0)
     assert 'quickstart' in r.stdout
+
+
+def test_every_option_has_help_and_arch_lists_its_choices(tmp_path):
+    "Every option of every command says what it does; `--arch` lists the architectures of `biovis.models.ARCHS`."
+    import argparse
+    from biovis.cli import build_parser
+    from biovis.models import ARCHS
+    def actions(parser, path=()):
+        for x in parser._actions:
+            if isinstance(x, argparse._SubParsersAction):
+                for name, sp in x.choices.items(): yield from actions(sp, path + (name,))
+            elif not isinstance(x, (argparse._HelpAction, argparse._VersionAction)): yield path, x
+    assert [(' '.join(c), x.option_strings or x.dest) for c, x in actions(build_parser()) if not x.help] == []
+    out = ' '.join(run_cli('train', '--help', home=tmp_path, check=0).stdout.split())
+    assert all(a in out for a in ARCHS), out
+    for opt in ('--name', '--arch', '--epochs', '--lr', '--bs', '--size', '--seed'):
+        assert f'{opt} ' in out
