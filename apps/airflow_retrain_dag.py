@@ -15,7 +15,8 @@ Teams that prefer Airflow's own papermill operator can use `retrain_notebook` in
 lock, the dataset version and the registry restore on failure are then Airflow's to arrange.
 
 Settings come from the environment, as everywhere in biovis: BIOVIS_HOME (the checkout or
-working folder), BIOVIS_FB_THRESH, BIOVIS_WANDB_MODE, BIOVIS_MODELS, BIOVIS_DB_URL.
+working folder), BIOVIS_FB_THRESH, BIOVIS_PROMOTION_MARGIN, BIOVIS_WANDB_MODE, BIOVIS_MODELS,
+BIOVIS_DB_URL; biovis's `Settings` read them (the notebook's `margin = None` means that setting).
 """
 from __future__ import annotations
 
