@@ -76,7 +76,7 @@ def cmd_seg_predict(a):
 
 def cmd_seg_feedback_export(a):
     from biovis.feedback import FeedbackStore
-    from biovis.segment_serve import export_mask_feedback
+    from biovis.serve import export_mask_feedback
     d = export_mask_feedback(FeedbackStore(), a.dest, model=a.model)
     n = len(list((d/'masks').glob('*.png')))
     print(f'{n} image(s) with corrected masks written to {d} (train on them: biovis train --data {d})')
