@@ -15,7 +15,7 @@ import pandas as pd
 
 from .core import get_settings, get_logger, set_env
 from .registry import ModelRegistry, ALIASES
-from .inference import IMAGE_STATS
+from .drift import IMAGE_STATS
 
 # %% auto #0
 __all__ = ['LOADER_TTL', 'TEST_NAMES', 'cached', 'clear_cache', 'load_models', 'load_drift', 'load_feedback', 'load_runs',

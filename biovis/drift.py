@@ -15,12 +15,43 @@ import numpy as np
 from scipy import stats as _st
 
 from .core import get_settings, get_logger, write_json, atomic_write, read_json
-from .inference import Predictor, IMAGE_STATS, image_stats
+from .images import read_image, to_model_input
+from .errors import InvalidImageError
+from .inference import Predictor
 from .registry import ModelRegistry
 
 # %% auto #0
-__all__ = ['TESTS', 'MIN_WINDOW', 'DriftError', 'DriftReference', 'build_reference', 'load_reference', 'ks_test', 'mmd_test',
-           'class_shift_test', 'drift_test', 'window_predictions', 'drift_check', 'drift_history']
+__all__ = ['IMAGE_STATS', 'TESTS', 'MIN_WINDOW', 'image_stats', 'drift_features', 'predict_with_features', 'DriftError',
+           'DriftReference', 'build_reference', 'load_reference', 'ks_test', 'mmd_test', 'class_shift_test',
+           'drift_test', 'window_predictions', 'drift_check', 'drift_history']
+
+# %% ../nbs/13_drift.ipynb #e5837002
+IMAGE_STATS = ('height', 'width', 'channels', 'brightness', 'contrast', 'sharpness')
+
+def image_stats(x: np.ndarray, raw_shapes=None) -> np.ndarray:
+    "`IMAGE_STATS` of model inputs `x` (N x H x W x C uint8); `raw_shapes` are the uploads' own shapes (default: `x`'s)."
+    g = x.astype(np.float32).mean(-1) / 255 if x.ndim == 4 else x.astype(np.float32) / 255
+    lap = 4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
+    if raw_shapes is None: raw_shapes = [x.shape[1:]] * len(x)
+    hwc = np.array([(s[0], s[1], s[2] if len(s) > 2 else 1) for s in raw_shapes], np.float32).reshape(-1, 3)
+    return np.concatenate([hwc, g.mean((1, 2))[:, None], g.std((1, 2))[:, None], lap.std((1, 2))[:, None]], 1)
+
+# %% ../nbs/13_drift.ipynb #047f6a3d
+def drift_features(pred: Predictor, x: np.ndarray, raw_shapes=None) -> tuple:
+    "(probabilities, drift features: the reduced embedding then `IMAGE_STATS`, N x (k + 6)) of model inputs `x`, from one forward pass."
+    probs, emb = pred.features(x)
+    return probs, np.concatenate([emb, image_stats(x, raw_shapes)], 1).astype(np.float32)
+
+def predict_with_features(pred: Predictor, srcs) -> tuple:
+    "Classify inputs; returns (one `Prediction` each, their drift features: embedding then `IMAGE_STATS`, N x (k + 6))."
+    raws, x = [], np.empty((len(srcs), *pred.size, pred.channels), np.uint8)
+    for i, s in enumerate(srcs):
+        try:
+            r = read_image(s, max_bytes=pred.max_bytes); x[i] = to_model_input(r, pred.size, pred.channels); raws.append(r.shape)
+        except InvalidImageError as e:
+            raise InvalidImageError(f'input {i}: {e}' if len(srcs) > 1 else str(e)) from None
+    probs, feats = drift_features(pred, x, raws)
+    return [pred._wrap(p) for p in probs], feats
 
 # %% ../nbs/13_drift.ipynb #db5db7e0
 class DriftError(ValueError):
@@ -190,12 +221,3 @@ def drift_history(model: str, ref: str = 'production', window: int = 200, store=
         out.append(dict(start=rows[s]['created'], end=rows[e - 1]['created'], n=e - s, detected=r['detected'],
                         threshold=r['threshold'], **r['p_values']))
     return out
-
-# %% ../nbs/13_drift.ipynb #9b907c06
-_BENCH = dict.fromkeys(('drift_benchmark', 'bccd_wbc_crops'), 'biovis.bench.drift')
-
-def __getattr__(name):
-    "The benchmark's names, imported from `biovis.bench.drift` when first asked for."
-    if name not in _BENCH: raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-    from importlib import import_module
-    return getattr(import_module(_BENCH[name]), name)

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from .core import get_device
-from .data import read_image, to_model_input, InvalidImageError, MAX_BYTES
-from .errors import RegistryError
+from .images import read_image, to_model_input, MAX_BYTES
+from .errors import InvalidImageError, RegistryError
 from .models import create_model, predict_proba
 from .registry import ModelRegistry
 from .kinds import BaseKind, register_kind
@@ -23,7 +23,7 @@ import threading
 from contextlib import contextmanager
 
 # %% auto #0
-__all__ = ['IMAGE_STATS', 'Prediction', 'fuse_conv_bn', 'Predictor', 'gradcam', 'overlay', 'image_stats']
+__all__ = ['Prediction', 'fuse_conv_bn', 'Predictor', 'gradcam', 'overlay']
 
 # %% ../nbs/06_inference.ipynb #4d2db1e3
 @dataclass
@@ -159,17 +159,6 @@ def explain(self: Predictor, src, target: int | None = None):
     heat = np.asarray(_I.fromarray((heat * 255).astype(np.uint8)).resize((img.shape[1], img.shape[0]), _I.BILINEAR)) / 255.
     return heat, img, self._wrap(predict_proba(self.model, a[None], tta=self.tta, device=self.device, temperature=self.temperature)[0])
 
-# %% ../nbs/06_inference.ipynb #550112b3
-IMAGE_STATS = ('height', 'width', 'channels', 'brightness', 'contrast', 'sharpness')
-
-def image_stats(x: np.ndarray, raw_shapes=None) -> np.ndarray:
-    "`IMAGE_STATS` of model inputs `x` (N x H x W x C uint8); `raw_shapes` are the uploads' own shapes (default: `x`'s)."
-    g = x.astype(np.float32).mean(-1) / 255 if x.ndim == 4 else x.astype(np.float32) / 255
-    lap = 4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
-    if raw_shapes is None: raw_shapes = [x.shape[1:]] * len(x)
-    hwc = np.array([(s[0], s[1], s[2] if len(s) > 2 else 1) for s in raw_shapes], np.float32).reshape(-1, 3)
-    return np.concatenate([hwc, g.mean((1, 2))[:, None], g.std((1, 2))[:, None], lap.std((1, 2))[:, None]], 1)
-
 # %% ../nbs/06_inference.ipynb #7197dabc
 class _FeatureTap:
     "A forward pre-hook on the model's last linear layer that keeps its input, for the calling thread only, while asked."
@@ -215,22 +204,3 @@ def features(self: Predictor, x: np.ndarray, reduce: bool = True):
     if not reduce: return probs, e
     P = self._drift_projection()     # no reference, nothing to compare with: no embedding (keeps the logged row small)
     return probs, (e @ P if P is not None else np.zeros((len(e), 0), np.float32))
-
-# %% ../nbs/06_inference.ipynb #1631b87f
-@patch
-def drift_features(self: Predictor, x: np.ndarray, raw_shapes=None) -> tuple:
-    "(probabilities, drift features: the reduced embedding then `IMAGE_STATS`, N x (k + 6)) of model inputs `x`, from one forward pass."
-    probs, emb = self.features(x)
-    return probs, np.concatenate([emb, image_stats(x, raw_shapes)], 1).astype(np.float32)
-
-@patch
-def predict_with_features(self: Predictor, srcs) -> tuple:
-    "Classify inputs; returns (one `Prediction` each, their drift features: embedding then `IMAGE_STATS`, N x (k + 6))."
-    raws, x = [], np.empty((len(srcs), *self.size, self.channels), np.uint8)
-    for i, s in enumerate(srcs):
-        try:
-            r = read_image(s, max_bytes=self.max_bytes); x[i] = to_model_input(r, self.size, self.channels); raws.append(r.shape)
-        except InvalidImageError as e:
-            raise InvalidImageError(f'input {i}: {e}' if len(srcs) > 1 else str(e)) from None
-    probs, feats = self.drift_features(x, raws)
-    return [self._wrap(p) for p in probs], feats

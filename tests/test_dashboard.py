@@ -20,6 +20,7 @@ def populated(trained, sample_ds, tmp_path_factory):
     "A home whose store holds 120 in-distribution then 120 brighter predictions (with drift features), feedback, users, a drift event and a run."
     from biovis.feedback import FeedbackStore
     from biovis.inference import Predictor
+    from biovis.drift import predict_with_features
     home = tmp_path_factory.mktemp('dash')
     store = FeedbackStore(f'sqlite:///{home}/data/biovis.db', uploads_dir=home/'data'/'uploads')
     p = Predictor.from_registry('blood', registry=trained[0], device='cpu')
@@ -27,7 +28,7 @@ def populated(trained, sample_ds, tmp_path_factory):
     x = np.concatenate([x[:120], np.clip(x[120:240] * 1.4, 0, 255).astype(np.uint8)]); y = y[:240]
     for i, (a, t) in enumerate(zip(x, y)):
         b = io.BytesIO(); Image.fromarray(a).save(b, 'PNG'); sha = store.save_image(b.getvalue())
-        (pr,), f = p.predict_with_features([b.getvalue()])
+        (pr,), f = predict_with_features(p, [b.getvalue()])
         pid = store.log_prediction('blood', pr.version, sha, pr.label, pr.probs, embedding=f[0], user='ana')
         if i % 10 == 0: store.add_feedback(pid, sample_ds.classes[t], user='ana')
     store.record_drift('blood', 'v1', True, {'p_values': {'image_stats_ks': 1e-9}})

@@ -12,7 +12,8 @@ from conftest import run_cli
 from biovis.drift import (DriftError, DriftReference, TESTS, class_shift_test, drift_test, ks_test, load_reference,
                           mmd_test)
 from biovis.feedback import FeedbackError, FeedbackStore
-from biovis.inference import IMAGE_STATS, Predictor
+from biovis.inference import Predictor
+from biovis.drift import IMAGE_STATS
 
 
 def _uniform_ish(ps):

@@ -14,8 +14,8 @@ def test_layers_point_one_way():
     r = subprocess.run([sys.executable, LAYERS, 'biovis'], cwd=ROOT, capture_output=True, text=True)
     out = r.stdout
     assert r.returncode == 0 and 'circles 0,' in out, out
-    assert 'over 450 lines' not in out, out
-    assert 'environment read outside' not in out, out
+    assert 'over 450 lines:' not in out and 'modules over 450 lines 0,' in out, out
+    assert 'environment read outside core:' not in out and 'outside core 0' in out, out
 
 
 def test_every_declared_kind_registers_itself():

@@ -328,7 +328,7 @@ def test_browser_upload_predict_and_flag(server, sample_ds, tmp_path):
 def test_serving_benchmark_on_a_small_load(trained, tmp_path):
     "The code behind reports/benchmarks/serving.json, on a small load: real servers (1 and 2 workers), every request answered and stored, no temporary folder left."
     import tempfile
-    from biovis.serve import serving_benchmark
+    from biovis.bench.serving import serving_benchmark
     tmp = Path(tempfile.gettempdir())
     leftovers = lambda: set(tmp.glob('biovis-bench-*')) | set(tmp.glob('biovis-ab-*'))
     before = leftovers()

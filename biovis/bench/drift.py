@@ -12,7 +12,7 @@ import numpy as np
 
 from ..core import get_settings
 from ..inference import Predictor
-from ..drift import DriftReference, TESTS, build_reference, drift_test
+from ..drift import DriftReference, TESTS, build_reference, drift_test, drift_features
 from .report import write_report
 
 # %% auto #0
@@ -66,7 +66,7 @@ def drift_benchmark(data=None, out_dir=None, epochs: int = 3, window: int = 200,
         R = DriftReference(z['projection'], z['emb'], z['probs'], z['stats'], z['labels'], list(ds.classes), info)
     pred = Predictor(learn.model, learn.biovis, device='cpu'); pred._proj = R.projection
     xt, yt = ds.tensors('test')
-    feats = pred.drift_features
+    feats = lambda x, raw_shapes=None: drift_features(pred, x, raw_shapes)
     P0, F0 = feats(xt)
     acc = float((P0.argmax(1) == yt).mean())
     say(f'trained {epochs} epochs in {learn.biovis["training"]["seconds"]:.0f} s; test accuracy {acc:.4f}; reference: {info["n"]} valid images')

@@ -20,7 +20,7 @@ def cmd_benchmark(a):
         from biovis.bench.segmentation import run_seg_benchmark
         run_seg_benchmark(out_dir=a.out, cf_budget_s=a.seg_budget, registry=registry_of(a)); return
     if a.serving:
-        from biovis.serve import serving_benchmark
+        from biovis.bench.serving import serving_benchmark
         serving_benchmark(model=a.model, out_dir=a.out, registry=registry_of(a)); return
     from biovis.bench.classification import run_benchmark
     run_benchmark(data=a.data, out_dir=a.out, train_budget_s=a.budget, arch=a.arch, epochs=a.epochs, seeds=a.seeds)

@@ -27,7 +27,7 @@ def cmd_drift_check(a):
     print(f"report: {r['path']}" + (f"; recorded as drift event {r['event_id']}" if 'event_id' in r else ''))
 
 def cmd_drift_benchmark(a):
-    from biovis.drift import drift_benchmark
+    from biovis.bench.drift import drift_benchmark
     drift_benchmark(data=a.data, out_dir=a.out, epochs=a.epochs, n_windows=a.windows, n_shift_windows=a.shift_windows)
 
 def cmd_dashboard(a):

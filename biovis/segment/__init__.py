@@ -8,11 +8,10 @@ from .net import AttentionGate, AttentionUNet, DiceBCELoss, probs_to_mask
 from .metrics import pixel_counts, scores, SegEvaluation, seg_metrics
 from .predict import SegPrediction, SegPredictor, overlay_mask, evaluate_seg, pick_threshold, load_seg_model, seg_model_card
 
-_LAZY = {**dict.fromkeys(('SegCropDL', 'SegDice', 'TimeBudget', 'train_seg', 'train_and_register_seg'), 'biovis.segment.train'),
-         **dict.fromkeys(('PUBLISHED_SEG', 'run_seg_benchmark'), 'biovis.bench.segmentation')}
+_LAZY = dict.fromkeys(('SegCropDL', 'SegDice', 'TimeBudget', 'train_seg', 'train_and_register_seg'), 'biovis.segment.train')
 
 def __getattr__(name):
-    "The training and benchmark names, imported when first asked for."
+    "The training names, imported when first asked for."
     if name not in _LAZY: raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
     from importlib import import_module
     return getattr(import_module(_LAZY[name]), name)

@@ -8,10 +8,3 @@ from .auth import auth_enabled
 from .api import create_app
 from .launch import build_service, app_from_env, serve
 from .segment import export_mask_feedback
-
-def __getattr__(name):
-    "`serving_benchmark`, imported when first asked for (the benchmark stands after serving)."
-    if name == 'serving_benchmark':
-        from biovis.bench.serving import serving_benchmark
-        return serving_benchmark
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -14,6 +14,7 @@ from ..data import read_image, to_model_input
 from ..errors import InvalidImageError
 from ..feedback import FeedbackStore, UnknownPredictionError
 from ..inference import overlay
+from ..drift import drift_features
 from .limits import RateLimiter, check_upload_size
 from .metrics import Metrics
 from .pool import ModelPool, MicroBatcher
@@ -54,7 +55,7 @@ class PredictionService:
         b = pred.__dict__.get('_microbatcher')
         if b is None:
             def fn(items):      # one forward pass, then one transaction, for the whole batch
-                probs, feats = pred.drift_features(np.stack([i[0] for i in items]), [i[1] for i in items])
+                probs, feats = drift_features(pred, np.stack([i[0] for i in items]), [i[1] for i in items])
                 rows = [self._row(pred, (p, f), *i[3:]) for p, f, i in zip(probs, feats, items)]
                 stored = self._store_batch([(i[2], r) for i, r in zip(items, rows)])
                 return [s if isinstance(s, Exception) else (r, s) for r, s in zip(rows, stored)]
