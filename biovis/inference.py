@@ -23,7 +23,7 @@ import threading
 from contextlib import contextmanager
 
 # %% auto #0
-__all__ = ['Prediction', 'fuse_conv_bn', 'Predictor', 'gradcam', 'overlay']
+__all__ = ['Prediction', 'fuse_conv_bn', 'Predictor', 'gradcam', 'overlay', 'ArtifactPredictor']
 
 # %% ../nbs/06_inference.ipynb #4d2db1e3
 @dataclass
@@ -204,3 +204,18 @@ def features(self: Predictor, x: np.ndarray, reduce: bool = True):
     if not reduce: return probs, e
     P = self._drift_projection()     # no reference, nothing to compare with: no embedding (keeps the logged row small)
     return probs, (e @ P if P is not None else np.zeros((len(e), 0), np.float32))
+
+# %% ../nbs/06_inference.ipynb #4a464c77
+class ArtifactPredictor(Predictor):
+    "Base of the predictors whose model is a file run by another runtime (Keras, ONNX Runtime): a subclass gives `open_weights(path)` and its forward pass."
+    @classmethod
+    def open_weights(cls, path): raise NotImplementedError(f'{cls.__name__}.open_weights')
+    @classmethod
+    def load_model(cls, registry: ModelRegistry, name: str, ref: str = 'production', device='cpu') -> tuple:
+        "The registered weights file opened by `open_weights`, and the version's metadata."
+        w, meta = registry.weights(name, ref)
+        return cls.open_weights(w), meta
+    def __init__(self, model, meta: dict, device=None, tta: bool = False, batch_size: int = 256, max_bytes: int = MAX_BYTES):
+        self.model, self.meta, self.tta, self.batch_size, self.max_bytes, self.device = model, meta, tta, batch_size, max_bytes, 'cpu'
+        self.classes, self.size, self.channels = list(meta['classes']), tuple(meta['input_size']), int(meta['channels'])
+    def __repr__(self): return f'{type(self).__name__}({self.name} {self.version}, {self.meta["arch"]}, {len(self.classes)} classes, {self.size}, tta={self.tta})'

@@ -15,7 +15,7 @@ from .data import MAX_BYTES, read_image, to_model_input
 from .models import temper
 from .registry import ModelRegistry
 from .kinds import register_kind
-from .inference import Predictor
+from .inference import Predictor, ArtifactPredictor
 
 # %% auto #0
 __all__ = ['PREPROCESS', 'KERAS_SUFFIXES', 'KerasBackendError', 'KerasImportError', 'ExplainNotSupported', 'apply_preprocess',
@@ -158,22 +158,17 @@ def import_keras_model(path, name: str, classes, input_size=None, channels: int 
 
 # %% ../nbs/17_keras.ipynb #611f6209
 @register_kind('classification', 'keras')
-class KerasPredictor(Predictor):
+class KerasPredictor(ArtifactPredictor):
     "A registered Keras model behind the `Predictor` interface (the `classification.keras` kind; `load_predictor` loads it)."
     @classmethod
-    def load_model(cls, registry: ModelRegistry, name: str, ref: str = 'production', device='cpu') -> tuple:
-        "The registered Keras model (TensorFlow imported now) and its metadata."
-        w, meta = registry.weights(name, ref)
-        return load_keras_model(w), meta
+    def open_weights(cls, path):
+        "The Keras model in `path` (TensorFlow imported now)."
+        return load_keras_model(path)
 
-    def __init__(self, model, meta: dict, device=None, tta: bool = False, batch_size: int = 256, max_bytes: int = MAX_BYTES):
-        self.model, self.meta, self.tta, self.batch_size, self.max_bytes = model, meta, tta, batch_size, max_bytes
-        self.device = 'cpu'
-        self.classes, self.size, self.channels = list(meta['classes']), tuple(meta['input_size']), int(meta['channels'])
+    def __init__(self, model, meta: dict, **kw):
+        super().__init__(model, meta, **kw)
         self.preprocess_rule = meta.get('preprocess', 'scale')
         self._lock = threading.Lock()
-
-    def __repr__(self): return f'KerasPredictor({self.name} {self.version}, {self.meta["arch"]}, {len(self.classes)} classes, {self.size}, tta={self.tta})'
 
     def _feature_model(self):
         if not hasattr(self, '_fm'):

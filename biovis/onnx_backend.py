@@ -14,7 +14,7 @@ from .core import get_logger, read_json
 from .data import MAX_BYTES
 from .registry import ModelRegistry, RegistryError
 from .kinds import register_kind, load_model
-from .inference import Predictor, fuse_conv_bn
+from .inference import Predictor, ArtifactPredictor, fuse_conv_bn
 from .models import temper
 
 # %% auto #0
@@ -93,20 +93,16 @@ def register_onnx(name: str, ref: str = 'production', dest: str | None = None, r
     return dest, v, reg.path(dest, v)/'model.onnx'
 
 @register_kind('classification', 'onnx')
-class OnnxPredictor(Predictor):
+class OnnxPredictor(ArtifactPredictor):
     "A registered ONNX model, run by ONNX Runtime, behind the `Predictor` interface (the `classification.onnx` kind)."
     @classmethod
-    def load_model(cls, registry: ModelRegistry, name: str, ref: str = 'production', device='cpu') -> tuple:
-        "An ONNX Runtime session of the registered graph and its metadata."
-        w, meta = registry.weights(name, ref)
-        return onnx_session(w), meta
+    def open_weights(cls, path):
+        "An ONNX Runtime session of the graph in `path`."
+        return onnx_session(path)
 
-    def __init__(self, session, meta: dict, device=None, tta: bool = False, batch_size: int = 256, max_bytes: int = MAX_BYTES):
-        self.model = self.session = session
-        self.meta, self.tta, self.batch_size, self.max_bytes, self.device = meta, tta, batch_size, max_bytes, 'cpu'
-        self.classes, self.size, self.channels = list(meta['classes']), tuple(meta['input_size']), int(meta['channels'])
-
-    def __repr__(self): return f'OnnxPredictor({self.name} {self.version}, {self.meta["arch"]}, {len(self.classes)} classes, {self.size}, tta={self.tta})'
+    def __init__(self, session, meta: dict, **kw):
+        super().__init__(session, meta, **kw)
+        self.session = session
 
     def _run(self, x: np.ndarray):
         probs, embs = [], []

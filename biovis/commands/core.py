@@ -11,7 +11,7 @@ import argparse
 # %% auto #0
 __all__ = ['EXIT_OK', 'EXIT_ERROR', 'EXIT_USAGE', 'EXIT_BAD_INPUT', 'EXIT_NOT_FOUND', 'EXIT_FETCH', 'TRAIN', 'EVALUATE',
            'PREDICT', 'DATA_TASKS', 'print_table', 'registry_of', 'Commands', 'Command', 'LazyChoices', 'arch_choices',
-           'add_arch_option', 'handles', 'dispatch', 'model_kind', 'data_task']
+           'add_arch_option', 'add_listen_options', 'handles', 'dispatch', 'model_kind', 'data_task']
 
 # %% ../../nbs/98_commands.core.ipynb #39f7f9dd
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXIT_FETCH = 0, 1, 2, 3, 4, 5
@@ -76,6 +76,11 @@ def add_arch_option(parser, default: str | None = 'cnn_small', default_help: str
     "`--arch` on `parser`: checked against `arch_choices()`, listed in the help text (the usage line shows ARCH, so a usage error reads no list)."
     return parser.add_argument('--arch', default=default, choices=arch_choices(), metavar='ARCH',
                                help=f'network architecture: %(choices)s (default: {default_help or default})')
+
+def add_listen_options(parser, port: int, what: str = 'the server'):
+    "`--host` and `--port` of a command that serves on a port."
+    parser.add_argument('--host', default='127.0.0.1', help=f'address {what} listens on (default: 127.0.0.1; 0.0.0.0 for every interface)')
+    parser.add_argument('--port', type=int, default=port, help=f'port of {what} (default: {port})')
 
 # %% ../../nbs/98_commands.core.ipynb #86dfb0fc
 TRAIN, EVALUATE, PREDICT = {}, {}, {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from ..core import set_env
-from .core import registry_of
+from .core import registry_of, add_listen_options
 
 # %% auto #0
 __all__ = ['cmd_drift_check', 'cmd_drift_benchmark', 'cmd_dashboard', 'add_commands']
@@ -56,7 +56,6 @@ def add_commands(sub):
     db.add_argument('--windows', type=int, default=200, help='in-distribution windows')
     db.add_argument('--shift-windows', type=int, default=50, help='windows per shift'); db.set_defaults(fn=cmd_drift_benchmark)
     ds = sub.add_parser('dashboard', help='the Panel dashboard: drift, feedback, model versions')
-    ds.add_argument('--host', default='127.0.0.1', help='address to listen on (default: 127.0.0.1)')
-    ds.add_argument('--port', type=int, default=5006, help='port (default: 5006)')
+    add_listen_options(ds, 5006, 'the dashboard')
     ds.add_argument('--auth', action='store_true', help='require an admin login (users from `biovis users add`; or BIOVIS_AUTH=1)')
     ds.add_argument('--refresh', type=float, default=30, help='seconds between refreshes'); ds.set_defaults(fn=cmd_dashboard)

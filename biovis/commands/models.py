@@ -10,7 +10,7 @@ import json, sys
 from pathlib import Path
 
 from ..core import set_env
-from .core import (EXIT_BAD_INPUT, TRAIN, EVALUATE, PREDICT, print_table, registry_of, dispatch,
+from .core import (add_listen_options, EXIT_BAD_INPUT, TRAIN, EVALUATE, PREDICT, print_table, registry_of, dispatch,
                                   model_kind, data_task, add_arch_option)
 
 # %% auto #0
@@ -130,8 +130,7 @@ def add_commands(sub):
     q.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
     q.add_argument('-q', '--quiet', action='store_true', help='no progress bars')
     q.add_argument('--no-serve', action='store_true', help='stop after the report instead of serving the demo (scripts, CI)')
-    q.add_argument('--host', default='127.0.0.1', help='address the demo listens on (default: 127.0.0.1)')
-    q.add_argument('--port', type=int, default=7860, help='port of the demo (default: 7860)')
+    add_listen_options(q, 7860, 'the demo')
     q.set_defaults(fn=cmd_quickstart)
 
     d = sub.add_parser('data', help='data sets: info, fetch').add_subparsers(dest='sub', metavar='SUBCOMMAND', required=True)

@@ -5,6 +5,7 @@
 # %% ../../nbs/98b_commands.serve.ipynb #31d5677c
 from __future__ import annotations
 from ..core import env, set_env
+from .core import add_listen_options
 
 # %% auto #0
 __all__ = ['cmd_serve', 'cmd_users_add', 'add_commands']
@@ -27,8 +28,7 @@ def add_commands(sub):
     "`serve` and `users add` on `sub`."
     sv = sub.add_parser('serve', help='the clinician demo (Gradio UI) and REST API on one port')
     sv.add_argument('--model', action='append', help='serve this registered model (repeat for several; default: all)')
-    sv.add_argument('--host', default='127.0.0.1', help='address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)')
-    sv.add_argument('--port', type=int, default=7860, help='port (default: 7860)')
+    add_listen_options(sv, 7860)
     sv.add_argument('--auth', action='store_true', help='require login (users from `biovis users add`; or BIOVIS_AUTH=1)')
     sv.add_argument('--share', action='store_true', help="also ask Gradio for a public share link (needs the internet)")
     sv.add_argument('--workers', type=int, default=1, help='worker processes on the one port (rate limits are per worker)')
