@@ -29,6 +29,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'biovis.bench.report.write_report': ('bench.report.html#write_report', 'biovis/bench/report.py')},
             'biovis.bench.segmentation': { 'biovis.bench.segmentation._bench_one': ( 'bench.segmentation.html#_bench_one',
                                                                                      'biovis/bench/segmentation.py'),
+                                           'biovis.bench.segmentation._load_note': ( 'bench.segmentation.html#_load_note',
+                                                                                     'biovis/bench/segmentation.py'),
                                            'biovis.bench.segmentation._seg_md': ( 'bench.segmentation.html#_seg_md',
                                                                                   'biovis/bench/segmentation.py'),
                                            'biovis.bench.segmentation.run_seg_benchmark': ( 'bench.segmentation.html#run_seg_benchmark',
