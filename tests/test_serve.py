@@ -344,3 +344,19 @@ def test_serving_benchmark_on_a_small_load(trained, tmp_path):
     assert j['mean_model_batch_1_worker'] >= 1
     assert f"**{j['server_vs_predictor']:.2f}**" in (tmp_path/'serving.md').read_text()
     assert leftovers() - before == set()
+
+
+def test_workers_share_one_signing_key_without_biovis_secret(trained, tmp_path, cells):
+    "`--workers 2 --auth` with no BIOVIS_SECRET: a token from one worker verifies on the other (issue 13: 22 of 50 got 401)."
+    run_cli('users', 'add', 'ana', '--role', 'clinician', home=tmp_path, check=0,
+            env=dict(BIOVIS_NEW_PASSWORD='ana-secret-pw', BIOVIS_DB_URL=f'sqlite:///{tmp_path}/data/biovis.db'))
+    s = Server(tmp_path, trained[0].root, args=['--auth', '--workers', '2'])
+    try:
+        assert 'BIOVIS_SECRET' not in s.env
+        # new connections, so the kernel spreads them over both workers' accept queues
+        tokens = [httpx.post(s.url + '/token', data=dict(username='ana', password='ana-secret-pw')).json()['access_token']
+                  for _ in range(10)]
+        codes = [httpx.get(s.url + '/history', headers={'Authorization': 'Bearer ' + tokens[i % 10]}).status_code for i in range(50)]
+        assert codes.count(200) == 50, codes
+        assert httpx.get(s.url + '/history', headers={'Authorization': 'Bearer forged.token'}).status_code == 401
+    finally: s.stop()

@@ -5,6 +5,7 @@ workers, and `serve` (what `biovis serve` runs)."""
 
 # %% ../../nbs/12_serve.launch.ipynb #c2833209
 from __future__ import annotations
+import secrets
 
 from ..core import get_settings, set_env
 from ..feedback import FeedbackStore
@@ -57,6 +58,9 @@ def serve(host: str = '127.0.0.1', port: int = 7860, models: list | None = None,
         f'(REST: /ping /predict /feedback /metrics, docs: /docs){f" with {workers} workers" if workers > 1 else ""}; Ctrl-C stops')
     if workers > 1:   # each worker process builds its own app; the store and the registry are shared on disk
         set_env(BIOVIS_SERVE_MODELS=','.join(service.pool.names))
+        # one signing key for all the workers: a token signed by one must verify on the others (without it, each
+        # worker drew its own random key and about half of the authenticated requests got 401; issue 13)
+        if not get_settings().secret: set_env(BIOVIS_SECRET=secrets.token_hex(32))
         if auth is not None: set_env(BIOVIS_AUTH='1' if auth else '0')
         uvicorn.run('biovis.serve.launch:app_from_env', factory=True, host=host, port=port, workers=workers, log_level='warning', access_log=False)
     else: uvicorn.run(app, host=host, port=port, log_level='warning', access_log=False)     # requests are counted in /metrics
