@@ -5,7 +5,7 @@ written to `reports/benchmarks/` by its module of `biovis.bench`. The drift benc
 
 # %% ../../nbs/98g_commands.bench.ipynb #add4db23
 from __future__ import annotations
-from .core import registry_of, add_arch_option, LazyChoices
+from .core import registry_of, add_arch_option, LazyChoices, keras_archs
 
 # %% auto #0
 __all__ = ['cmd_benchmark', 'add_commands']
@@ -26,10 +26,6 @@ def cmd_benchmark(a):
     run_benchmark(data=a.data, out_dir=a.out, train_budget_s=a.budget, arch=a.arch, epochs=a.epochs, seeds=a.seeds)
 
 # %% ../../nbs/98g_commands.bench.ipynb #5edfa7ae
-def _keras_archs():
-    from biovis.keras_train import KERAS_ARCHS
-    return KERAS_ARCHS
-
 def add_commands(sub):
     "`benchmark` on `sub`."
     b = sub.add_parser('benchmark', help='accuracy, training time, memory and latency into reports/benchmarks/')
@@ -45,6 +41,6 @@ def add_commands(sub):
     b.add_argument('--seg-budget', type=float, default=780, help='with --segmentation: CrackForest training budget in seconds')
     b.add_argument('--keras', action='store_true', help='Keras vs fastai with one time budget, ONNX Runtime vs PyTorch latency (reports/benchmarks/keras.json)')
     b.add_argument('--keras-budget', type=float, default=150, help='with --keras: training seconds for each model')
-    b.add_argument('--keras-arch', default='cnn_small', choices=LazyChoices(_keras_archs), metavar='ARCH',
+    b.add_argument('--keras-arch', default='cnn_small', choices=LazyChoices(keras_archs), metavar='ARCH',
                    help='with --keras: the Keras network: %(choices)s (default: cnn_small)')
     b.set_defaults(fn=cmd_benchmark)

@@ -11,7 +11,7 @@ import argparse
 # %% auto #0
 __all__ = ['EXIT_OK', 'EXIT_ERROR', 'EXIT_USAGE', 'EXIT_BAD_INPUT', 'EXIT_NOT_FOUND', 'EXIT_FETCH', 'TRAIN', 'EVALUATE',
            'PREDICT', 'DATA_TASKS', 'print_table', 'registry_of', 'Commands', 'Command', 'LazyChoices', 'arch_choices',
-           'add_arch_option', 'add_listen_options', 'handles', 'dispatch', 'model_kind', 'data_task']
+           'keras_archs', 'add_arch_option', 'add_listen_options', 'handles', 'dispatch', 'model_kind', 'data_task']
 
 # %% ../../nbs/98_commands.core.ipynb #39f7f9dd
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXIT_FETCH = 0, 1, 2, 3, 4, 5
@@ -71,6 +71,11 @@ def arch_choices() -> LazyChoices:
         from biovis.models import ARCHS
         return ARCHS
     return LazyChoices(archs)
+
+def keras_archs() -> dict:
+    "The Keras networks of `biovis.keras_train.KERAS_ARCHS` (imported only when asked: a `LazyChoices` loader)."
+    from biovis.keras_train import KERAS_ARCHS
+    return KERAS_ARCHS
 
 def add_arch_option(parser, default: str | None = 'cnn_small', default_help: str | None = None):
     "`--arch` on `parser`: checked against `arch_choices()`, listed in the help text (the usage line shows ARCH, so a usage error reads no list)."

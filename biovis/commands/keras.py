@@ -8,7 +8,7 @@ from __future__ import annotations
 import json, sys
 from pathlib import Path
 
-from .core import EXIT_USAGE, TRAIN, EVALUATE, handles, registry_of
+from .core import EXIT_USAGE, TRAIN, EVALUATE, handles, registry_of, keras_archs
 
 # %% auto #0
 __all__ = ['cmd_models_import', 'cmd_models_export', 'cmd_train_keras', 'cmd_evaluate_backend', 'add_commands']
@@ -69,10 +69,6 @@ def cmd_evaluate_backend(a):
     if a.json: Path(a.json).write_text(json.dumps(ev.summary(), indent=2)); print(f'written {a.json}')
 
 # %% ../../nbs/98f_commands.keras.ipynb #26c03d8b
-def _keras_archs():
-    from biovis.keras_train import KERAS_ARCHS
-    return KERAS_ARCHS
-
 def add_commands(sub):
     "`models import` and `models export` on the `models` command; `--backend keras` and `--track` on `train`."
     m = sub.get('models').subcommands()
@@ -95,6 +91,6 @@ def add_commands(sub):
     t = sub.get('train')
     t.add_argument('--backend', choices=['fastai', 'keras'], default='fastai', help='keras: a Keras cnn_small or mobilenetv2 (--arch), --budget in seconds')
     t.add_argument('--track', action='store_true', help='with --backend keras: log the run to W&B (offline by default)')
-    t.option('arch').choices.add(_keras_archs)
+    t.option('arch').choices.add(keras_archs)
     if not any(x.dest == 'budget' for x in t._actions):
         t.add_argument('--budget', type=float, default=None, help='stop training after this many seconds')
