@@ -67,7 +67,16 @@ class Settings:
     rate_limit: float = 20.0              # requests per second per client on /predict; 0 turns it off
     rate_burst: int = 40
     auth: bool = False
-    secret: str | None = None             # None: each process draws its own random signing key
+    secret: str | None = None             # None: drawn once and kept in <home>/secret (0600), shared by every worker
+    token_ttl_h: float = 12.0             # lifetime of a login token
+    login_per_min: int = 10               # failed logins allowed per minute, per user name and per client address
+    trusted_proxies: str = ''             # addresses whose X-Forwarded-For is believed (uvicorn's forwarded_allow_ips); '' = none
+    public_metrics: bool | None = None    # /metrics without login; None: open when auth is off, closed when it is on
+    public_docs: bool | None = None       # /docs and /openapi.json without login; same default
+    request_max_files: int = 64           # images per /predict request (zip entries included)
+    request_max_pixels: int = 64 * 2**20  # decoded pixels per request, all its images together, checked from the headers
+    request_max_unzipped_mb: int = 200    # expanded bytes of all the zips of one request
+    decode_threads: int = 2               # threads that decode uploads off the event loop
     torch_threads: int = 1
     serve_models: tuple = ()
     wandb_project: str = 'biovis'
@@ -97,6 +106,15 @@ def get_settings(**overrides) -> Settings:
               max_pixels=int(e('BIOVIS_MAX_PIXELS') or Settings.max_pixels), max_side=int(e('BIOVIS_MAX_SIDE') or Settings.max_side),
               rate_limit=float(e('BIOVIS_RATE_LIMIT') or Settings.rate_limit), rate_burst=int(e('BIOVIS_RATE_BURST') or Settings.rate_burst),
               auth=_env_flag('BIOVIS_AUTH'), secret=e('BIOVIS_SECRET') or None,
+              token_ttl_h=float(e('BIOVIS_TOKEN_TTL_H') or Settings.token_ttl_h),
+              login_per_min=int(e('BIOVIS_LOGIN_PER_MIN') or Settings.login_per_min),
+              trusted_proxies=e('BIOVIS_TRUSTED_PROXIES') or '',
+              public_metrics=_env_flag('BIOVIS_PUBLIC_METRICS') if e('BIOVIS_PUBLIC_METRICS') else None,
+              public_docs=_env_flag('BIOVIS_PUBLIC_DOCS') if e('BIOVIS_PUBLIC_DOCS') else None,
+              request_max_files=int(e('BIOVIS_REQUEST_MAX_FILES') or Settings.request_max_files),
+              request_max_pixels=int(e('BIOVIS_REQUEST_MAX_PIXELS') or Settings.request_max_pixels),
+              request_max_unzipped_mb=int(e('BIOVIS_REQUEST_MAX_UNZIPPED_MB') or Settings.request_max_unzipped_mb),
+              decode_threads=int(e('BIOVIS_DECODE_THREADS') or Settings.decode_threads),
               torch_threads=int(e('BIOVIS_TORCH_THREADS') or Settings.torch_threads),
               serve_models=tuple(n for n in (e('BIOVIS_SERVE_MODELS') or '').split(',') if n),
               wandb_project=e('BIOVIS_WANDB_PROJECT') or e('WANDB_PROJECT') or 'biovis',

@@ -91,20 +91,26 @@ def train_distributed(data=None, epochs: int = 2, arch: str = 'cnn_small', seed:
         same = all(torch.allclose(c, allc[0]) for c in allc)
     print(f'rank {rank}/{ws}: backend {dist.get_backend() if dist.is_initialized() else "none"}, {n_batches} training batches per epoch '
           f'on this rank, weights checksum {chk.item():.6f}, {secs:.1f} s', flush=True)
-    if rank != 0: return None
-    ev = evaluate(learn, ds, split='test', tta=False)
-    rec = dict(world_size=ws, backend=dist.get_backend() if dist.is_initialized() else 'none', device=str(device), arch=arch,
-               epochs=epochs, bs_per_process=bs, data=ds.name, dataset_version=ds.version, n_train=int((ds.splits == 'train').sum()),
-               batches_per_epoch_per_rank=n_batches, replicas_identical=bool(same), seconds=round(secs, 2),
-               valid_accuracy=[float(v[2]) for v in learn.recorder.values], test=ev.summary(),
-               launcher=_launcher(),
-               time=datetime.now(timezone.utc).isoformat(timespec='seconds'))
-    if register:
-        reg = ModelRegistry(); rec['version'] = reg.register(name or ds.name.replace('_sample', ''), learn.model,
-                                                               dict(learn.biovis, metrics=dict(ev.summary(), dataset_version=ds.version),
-                                                                    per_class=ev.per_class.to_dict('records'), distributed=dict(world_size=ws)))
-    if out_dir:
-        js, md = write_report('distributed', rec, _distributed_md(rec), out_dir=out_dir)
-        print(f'written {js} and {md.name}')
-    print(json.dumps(rec), flush=True)
+    rec = None
+    if rank == 0:
+        ev = evaluate(learn, ds, split='test', tta=False)
+        rec = dict(world_size=ws, backend=dist.get_backend() if dist.is_initialized() else 'none', device=str(device), arch=arch,
+                   epochs=epochs, bs_per_process=bs, data=ds.name, dataset_version=ds.version, n_train=int((ds.splits == 'train').sum()),
+                   batches_per_epoch_per_rank=n_batches, replicas_identical=bool(same), seconds=round(secs, 2),
+                   valid_accuracy=[float(v[2]) for v in learn.recorder.values], test=ev.summary(),
+                   launcher=_launcher(),
+                   time=datetime.now(timezone.utc).isoformat(timespec='seconds'))
+        if register:
+            reg = ModelRegistry(); rec['version'] = reg.register(name or ds.name.replace('_sample', ''), learn.model,
+                                                                   dict(learn.biovis, metrics=dict(ev.summary(), dataset_version=ds.version),
+                                                                        per_class=ev.per_class.to_dict('records'), distributed=dict(world_size=ws)))
+        if out_dir:
+            js, md = write_report('distributed', rec, _distributed_md(rec), out_dir=out_dir)
+            print(f'written {js} and {md.name}')
+        print(json.dumps(rec), flush=True)
+
+    if ws > 1 and dist.is_initialized():
+        # every rank leaves together and closes the process group: a rank that exits while gloo's threads still run
+        # aborts ("terminate called without an active exception", SIGABRT), which failed a CI run
+        dist.barrier(); dist.destroy_process_group()
     return rec
