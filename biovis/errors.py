@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['BiovisError', 'InvalidInputError', 'InvalidImageError', 'UploadTooLargeError', 'InvalidMaskError',
-           'InvalidLabelError', 'NotFoundError', 'PermissionDeniedError', 'ConflictError', 'RegistryError',
-           'ModelNotFoundError', 'UnknownKindError', 'BackendUnavailableError']
+__all__ = ['BiovisError', 'InvalidInputError', 'InvalidRequestError', 'InvalidImageError', 'UploadTooLargeError',
+           'InvalidZipError', 'TooManyImagesError', 'OverBudgetError', 'InvalidMaskError', 'InvalidLabelError',
+           'NotFoundError', 'PermissionDeniedError', 'ConflictError', 'RateLimitedError', 'AuthenticationError',
+           'RegistryError', 'ModelNotFoundError', 'UnknownKindError', 'BackendUnavailableError']
 
 # %% ../nbs/00a_errors.ipynb #b9151735
 class BiovisError(Exception):
@@ -17,11 +18,23 @@ class BiovisError(Exception):
 class InvalidInputError(BiovisError, ValueError):
     "Input from a user or a file that biovis refuses; the message says what is wrong with it."
 
+class InvalidRequestError(InvalidInputError):
+    "A request of the wrong shape: a required field missing, or a field of the wrong type (JSON array instead of object...)."
+
 class InvalidImageError(InvalidInputError):
     "Input that is not an image biovis can read: the message says what is wrong with it."
 
 class UploadTooLargeError(InvalidImageError):
     "An upload (or a part of one, or a zip's expanded content) over its size limit."
+
+class InvalidZipError(InvalidImageError):
+    "A zip upload that is not a zip, or one refused for what it holds (unsafe paths, too many or too large entries, a zip bomb, a bad CRC)."
+
+class TooManyImagesError(UploadTooLargeError):
+    "A request with more images (zip entries included) than one request may carry."
+
+class OverBudgetError(UploadTooLargeError):
+    "A request whose images together would decode to more pixels, or whose zips would expand to more bytes, than one request may."
 
 class InvalidMaskError(InvalidImageError):
     "A segmentation mask that cannot be read, or does not fit its image."
@@ -37,6 +50,14 @@ class PermissionDeniedError(BiovisError, PermissionError):
 
 class ConflictError(BiovisError, RuntimeError):
     "An action refused because another one holds the resource (a retrain already running)."
+
+class RateLimitedError(BiovisError):
+    "Too many requests (or failed logins) from one client or for one user; `retry_after` says how many seconds to wait."
+    def __init__(self, msg: str = 'too many requests: slow down', retry_after: float = 1):
+        super().__init__(msg); self.retry_after = max(1, int(-(-retry_after // 1)))
+
+class AuthenticationError(BiovisError):
+    "A request without a valid login: a missing, forged or expired token, or one whose user is gone or disabled."
 
 class RegistryError(BiovisError, RuntimeError):
     "A model registry that cannot do what was asked: missing or corrupt weights, an unknown alias."

@@ -9,7 +9,8 @@ import biovis
 from ..errors import ModelNotFoundError
 from .auth import TokenSigner, bearer_user, user_name, is_admin
 from .errors import add_error_handlers, error_response
-from .limits import InvalidZipError, client_key, is_zip, read_zip
+from .limits import client_key
+from .uploads import read_predict_form
 from .metrics import MetricsMiddleware
 from .segment import add_seg_routes
 from .service import PredictionService
@@ -43,40 +44,14 @@ _PREDICT_FORM_DOC = {'requestBody': {'required': True, 'content': {'multipart/fo
         'files': {'type': 'array', 'items': {'type': 'string', 'format': 'binary'}, 'description': 'images (PNG, JPEG, TIFF, BMP, DICOM) or zips of them'},
         'model': {'type': 'string', 'description': 'a served model (default: the first)'}}}}}}}
 
-async def _form_items(service, form) -> tuple:
-    "The `(filename, bytes)` of a /predict form's files (zips opened) and its `model`; or an error answer."
-    from starlette.concurrency import run_in_threadpool
-    from starlette.datastructures import UploadFile
-    m = service.metrics
-    files, model = form.getlist('files'), form.get('model')
-    if not files or not all(isinstance(f, UploadFile) for f in files): return error_response(m, 422, 'invalid_request', 'field `files` (one or more files) is required'), None
-    if model is not None and not isinstance(model, str): return error_response(m, 422, 'invalid_request', '`model` must be a text field'), None
-    items = []
-    for f in files:
-        data = await f.read(service.max_bytes * 10 + 1)
-        if is_zip(f.filename, data):
-            try: items += await run_in_threadpool(read_zip, data)
-            except InvalidZipError as e: raise InvalidZipError(f'{f.filename}: {e}') from None
-        else: items.append((f.filename, data))
-    return items, model
-
 def _add_predict_route(app, service, user_of):
     "`POST /predict`: one or many images (or zips of images), rate-limited per client."
     from fastapi.responses import JSONResponse
-    m = service.metrics
     @app.post('/predict', summary='classify one or many images (or a zip of images)', openapi_extra=_PREDICT_FORM_DOC)
     async def predict(request: Request, u=Depends(user_of)):
         user = user_name(u)
         if not service.limiter.allow(client_key(request, user)): raise HTTPException(429, 'too many requests: slow down')
-        if not request.headers.get('content-type', '').startswith('multipart/form-data'):
-            return error_response(m, 422, 'invalid_request', 'send multipart/form-data with one or more `files` fields (and optionally `model`)')
-        try: form = await request.form(max_files=service.max_batch + 1)
-        except Exception as e: return error_response(m, 400, 'invalid_request', f'could not read the multipart body: {e}')
-        try: items, model = await _form_items(service, form)
-        finally: await form.close()
-        if not isinstance(items, list): return items        # an error answer
-        if not items: return error_response(m, 400, 'no_image', 'no image in the request')
-        if len(items) > service.max_batch: return error_response(m, 413, 'too_many_images', f'{len(items)} images; at most {service.max_batch} per request')
+        items, model = await read_predict_form(request, service.max_bytes)
         out = await service.apredict(items, model=model, user=user)
         return JSONResponse({'predictions': out, 'count': len(out)})   # plain JSON types already: skip the re-encoding
 
@@ -91,8 +66,10 @@ def _add_feedback_route(app, service, user_of):
     async def feedback(request: Request, u=Depends(user_of)):
         user = user_name(u)
         ct = request.headers.get('content-type', '')
-        try: body = await request.json() if 'json' in ct else dict(await request.form())
+        try: body = await request.json() if 'json' in ct else dict(await request.form(max_files=1, max_fields=10))
         except Exception: return error_response(m, 400, 'invalid_request', 'send JSON or form data: prediction_id (or file), label, note')
+        if not isinstance(body, dict):      # a JSON array or string was a 500 before issue 13
+            return error_response(m, 422, 'invalid_request', 'the body must be a JSON object: {"prediction_id": ..., "label": ..., "note": ...}')
         pid, label, up = body.get('prediction_id'), body.get('label'), body.get('file')
         if not isinstance(label, str) or not (isinstance(pid, str) or isinstance(up, UploadFile)):
             return error_response(m, 422, 'invalid_request', 'label and one of prediction_id or file are required')

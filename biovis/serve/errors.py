@@ -9,15 +9,17 @@ import json
 
 from ..core import get_logger
 from ..errors import (InvalidInputError, InvalidImageError, UploadTooLargeError, InvalidMaskError, InvalidLabelError,
-                           NotFoundError, PermissionDeniedError, ConflictError, ModelNotFoundError, BiovisError)
+                           NotFoundError, PermissionDeniedError, ConflictError, ModelNotFoundError, BiovisError, InvalidZipError,
+                           TooManyImagesError, OverBudgetError, RateLimitedError, AuthenticationError, InvalidRequestError)
 from ..feedback import FeedbackError, UnknownPredictionError, FeedbackPermissionError, UnknownLabelError
-from .limits import InvalidZipError
 
 # %% auto #0
 __all__ = ['ERROR_STATUS', 'status_of', 'error_response', 'exception_response', 'add_error_handlers']
 
 # %% ../../nbs/12_serve.errors.ipynb #24f1c528
 ERROR_STATUS = {
+    TooManyImagesError:      (413, 'too_many_images'),
+    OverBudgetError:         (413, 'over_budget'),
     UploadTooLargeError:     (413, 'invalid_image'),
     InvalidZipError:         (400, 'invalid_zip'),
     InvalidMaskError:        (400, 'invalid_mask'),
@@ -27,11 +29,14 @@ ERROR_STATUS = {
     UnknownPredictionError:  (404, 'unknown_prediction'),
     FeedbackPermissionError: (403, 'forbidden'),
     FeedbackError:           (400, 'invalid_feedback'),
+    InvalidRequestError:     (422, 'invalid_request'),
     InvalidInputError:       (400, 'invalid_input'),
     ModelNotFoundError:      (404, 'unknown_model'),
     NotFoundError:           (404, 'not_found'),
     PermissionDeniedError:   (403, 'forbidden'),
     ConflictError:           (409, 'conflict'),
+    RateLimitedError:        (429, 'rate_limited'),
+    AuthenticationError:     (401, 'unauthorized'),
 }
 
 def status_of(e: BaseException) -> tuple | None:
@@ -53,7 +58,10 @@ def exception_response(metrics, e: BaseException):
     if s is None:
         get_logger('serve').error('unhandled error', exc_info=e)
         return error_response(metrics, 500, 'internal', 'internal error; it has been logged')
-    return error_response(metrics, *s, str(e))
+    r = error_response(metrics, *s, str(e))
+    if isinstance(e, RateLimitedError): r.headers['Retry-After'] = str(e.retry_after)
+    if isinstance(e, AuthenticationError): r.headers['WWW-Authenticate'] = 'Bearer'
+    return r
 
 _HTTP_CODES = {401: 'unauthorized', 403: 'forbidden', 404: 'not_found', 405: 'method_not_allowed', 429: 'rate_limited'}
 

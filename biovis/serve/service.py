@@ -15,7 +15,8 @@ from ..errors import InvalidImageError
 from ..feedback import FeedbackStore, UnknownPredictionError
 from ..inference import overlay
 from ..drift import drift_features
-from .limits import RateLimiter, check_upload_size
+from .limits import RateLimiter
+from .uploads import check_upload_size
 from .metrics import Metrics
 from .pool import ModelPool, MicroBatcher
 
