@@ -16,14 +16,15 @@ __all__ = []
 
 # %% ../../nbs/10c_feedback.masks.ipynb #f00e0aab
 @patch
-def add_mask_feedback(self: FeedbackStore, prediction_id: str, mask_png: bytes, note: str = '', user: str | None = None) -> int:
-    "Store a corrected mask (PNG bytes, already checked against its image) for prediction `prediction_id`; returns the row id."
+def add_mask_feedback(self: FeedbackStore, prediction_id: str, mask_png: bytes, note: str = '', user: str | None = None,
+                      is_admin: bool = False) -> int:
+    "Store a corrected mask (PNG bytes, already checked against its image) for prediction `prediction_id`; returns the row id. Only its owner or an admin may."
     def row():
         cols = dict(note=_text(note or '', 'note', MAX_NOTE, empty=True), user=_opt_user(user))
         if not isinstance(mask_png, (bytes, bytearray)) or image_format(mask_png) != 'png':
             raise InvalidImageError('a corrected mask must be a PNG image')
         return MaskFeedbackRecord, dict(cols, mask_sha=self.save_image(bytes(mask_png)))
-    return self._add_to_prediction(prediction_id, row)
+    return self._add_to_prediction(prediction_id, row, user=user, is_admin=is_admin)
 
 # %% ../../nbs/10c_feedback.masks.ipynb #7c0cde88
 @patch

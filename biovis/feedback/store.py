@@ -192,24 +192,27 @@ def _insert_predictions(self: FeedbackStore, rows: list) -> list:
 # %% ../../nbs/10a_feedback.store.ipynb #73e3e5a6
 @patch
 def add_feedback(self: FeedbackStore, prediction_id: str, correct_label: str, note: str = '',
-                 user: str | None = None, classes=None) -> int:
-    "Record that prediction `prediction_id` should have been `correct_label`; returns the feedback id."
+                 user: str | None = None, classes=None, is_admin: bool = False) -> int:
+    "Record that prediction `prediction_id` should have been `correct_label`; returns the feedback id. A named `user` who is not `is_admin` may only correct their own (or anonymous) predictions."
     def row():
         label, n, u = _text(correct_label, 'correct label', MAX_LABEL), _text(note or '', 'note', MAX_NOTE, empty=True), _opt_user(user)
         if classes is not None and label not in list(classes):
             raise UnknownLabelError(f'label {label!r} is not one of the classes: {", ".join(map(str, classes))}')
         return FeedbackRecord, dict(correct_label=label, note=n, user=u)
-    return self._add_to_prediction(prediction_id, row)
+    return self._add_to_prediction(prediction_id, row, user=user, is_admin=is_admin)
 
 # %% ../../nbs/10a_feedback.store.ipynb #805ade4c
 @patch
-def _add_to_prediction(self: FeedbackStore, prediction_id: str, row) -> int:
-    "Feedback on a prediction: check the id's form, then `row()` (checks the values; returns the record class and its columns), then insert the record in one write transaction if the prediction exists there. Returns the record's id."
+def _add_to_prediction(self: FeedbackStore, prediction_id: str, row, user: str | None = None, is_admin: bool = False) -> int:
+    "Feedback on a prediction: check the id's form, then `row()` (checks the values; returns the record class and its columns), then insert the record in one write transaction if the prediction exists there and `user` may write on it. Returns the record's id."
     if not isinstance(prediction_id, str) or not prediction_id or len(prediction_id) > 64:
         raise UnknownPredictionError(f'no prediction with id {str(prediction_id)[:80]!r}')
     cls, cols = row()
     def tx(s):
-        if s.get(PredictionRecord, prediction_id) is None: raise UnknownPredictionError(f'no prediction with id {prediction_id!r}')
+        p = s.get(PredictionRecord, prediction_id)
+        if p is None: raise UnknownPredictionError(f'no prediction with id {prediction_id!r}')
+        if user is not None and not is_admin and p.user not in (None, user):
+            raise FeedbackPermissionError(f'prediction {prediction_id} belongs to another user; only its owner or an admin may correct it')
         r = cls(prediction_id=prediction_id, created=_utcnow(), **cols)
         s.add(r); s.flush()
         return r.id
