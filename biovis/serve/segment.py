@@ -13,8 +13,8 @@ import numpy as np
 
 from ..core import atomic_write
 from ..data import read_image
-from ..errors import InvalidImageError, InvalidMaskError
-from ..segment import read_mask, mask_to_png, overlay_mask, SegPredictor
+from ..errors import InvalidImageError, InvalidMaskError, InvalidRequestError
+from ..segment import read_mask, mask_to_png, overlay_mask, SegPredictor, TASK
 from .auth import user_name
 from .service import predicts_for
 # FastAPI reads the route's annotations from this module's globals
@@ -57,6 +57,9 @@ def seg_predict(service, pred: SegPredictor, data: bytes, filename: str | None =
 def seg_feedback(service, prediction_id: str, mask: bytes | None = None, note: str = '', user: str | None = None) -> dict:
     "Save a segmentation prediction for retraining: a feedback row, and the corrected mask when given (checked against the image)."
     p = service.prediction(prediction_id)                   # raises UnknownPredictionError
+    if (task := service.task_of(p)) not in (None, TASK):     # a mask on a classification prediction stored the label 'retrain' (issue 13)
+        raise InvalidRequestError(f'prediction {prediction_id} is from a {task} model ({p["model"]}): send its correct label to /feedback')
+    who = service.may_write(user)                            # its owner or an admin
     model = service.pool.get(p['model']) if p['model'] in service.pool.names else None
     classes = model.classes if model is not None else list(p['probs'])
     out = dict(status='saved', prediction_id=prediction_id)
@@ -64,9 +67,9 @@ def seg_feedback(service, prediction_id: str, mask: bytes | None = None, note: s
         ip = service.store.image_path(p['image_sha'])
         if ip is None: raise InvalidImageError('the image of this prediction is no longer stored')
         png = check_mask_for(ip.read_bytes(), mask, len(classes))
-        out['mask_feedback_id'] = service.store.add_mask_feedback(prediction_id, png, note=note, user=user)
+        out['mask_feedback_id'] = service.store.add_mask_feedback(prediction_id, png, note=note, **who)
         out['mask_sha256'] = hashlib.sha256(png).hexdigest()
-    out['feedback_id'] = service.store.add_feedback(prediction_id, 'corrected mask' if mask else 'retrain', note=note, user=user)
+    out['feedback_id'] = service.store.add_feedback(prediction_id, 'corrected mask' if mask else 'retrain', note=note, **who)
     service.metrics.feedback.labels(p['model']).inc()
     return out
 

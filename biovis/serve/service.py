@@ -11,20 +11,22 @@ import numpy as np
 
 from ..core import get_settings
 from ..data import read_image, to_model_input
-from ..errors import InvalidImageError
+from ..images import probe_image
+from ..errors import InvalidImageError, InvalidRequestError, RegistryError
+from ..registry import kind_of
 from ..feedback import FeedbackStore, UnknownPredictionError
 from ..inference import overlay
 from ..drift import drift_features
 from .limits import RateLimiter
-from .uploads import check_upload_size
+from .uploads import RequestBudget, check_upload_size
 from .metrics import Metrics
 from .pool import ModelPool, MicroBatcher
 
 # %% auto #0
-__all__ = ['INLINE_DECODE_BYTES', 'predicts_for', 'PredictionService']
+__all__ = ['INLINE_DECODE_PIXELS', 'predicts_for', 'PredictionService']
 
 # %% ../../nbs/12_serve.service.ipynb #2094d7d5
-INLINE_DECODE_BYTES = 256 * 1024     # smaller uploads are decoded on the event loop (about 0.05 ms for a 28-px PNG)
+INLINE_DECODE_PIXELS = 128 * 128     # images up to this many pixels are decoded on the event loop (a 28-px PNG: about 0.05 ms)
 _PREDICT_BY_KIND = {}
 
 def predicts_for(predictor_class: type):
@@ -49,6 +51,15 @@ class PredictionService:
         self.limiter = rate_limiter or RateLimiter(rate=0)
         self.metrics = Metrics()
         self._shown = {}
+        self._decoder = None
+
+    @property
+    def decoder(self):
+        "The bounded pool of threads that decode uploads for the event loop (`decode_threads` of them), started on first use."
+        if self._decoder is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._decoder = ThreadPoolExecutor(max(1, get_settings().decode_threads), thread_name_prefix='biovis-decode')
+        return self._decoder
 
     def _batcher(self, pred) -> MicroBatcher:
         """The predictor's own batcher (a reloaded version gets a new one; the old goes with its predictor). Its input is
@@ -113,18 +124,31 @@ class PredictionService:
         self._info(pred)
         return self._answer(row, pid, sha)
 
-    async def apredict(self, items: list, model: str | None = None, user: str | None = None) -> list:
-        """`predict` for the event loop, for the `(filename, bytes)` of one request: all are checked and decoded before
-        anything is stored (the error names the bad file); the model and the store run in the model's thread,
-        batched across concurrent requests, so the loop only parses, decodes small uploads and answers."""
+    def _probe(self, items: list, budget: RequestBudget | None = None) -> list:
+        "The pixels of each `(filename, bytes)` from its header, checked against one request's budget; the error names the file."
+        budget = budget or RequestBudget.from_settings()
+        px = []
+        for name, data in items:
+            check_upload_size(data, self.max_bytes, name=name)
+            try: w, h = probe_image(data)
+            except InvalidImageError as e: raise type(e)(f'{name}: {e}') from None
+            budget.add_pixels(w * h, name); px.append(w * h)
+        return px
+
+    async def apredict(self, items: list, model: str | None = None, user: str | None = None, budget: RequestBudget | None = None) -> list:
+        """`predict` for the event loop, for the `(filename, bytes)` of one request: all are checked (sizes from the headers,
+        against the request's pixel budget) and decoded before anything is stored (the error names the bad file); tiny images
+        are decoded on the loop, the rest in the bounded decode pool; the model and the store run in the model's thread,
+        batched across concurrent requests, so the loop only parses, checks and answers."""
         from starlette.concurrency import run_in_threadpool
         t0 = time.perf_counter()
         pred = self.pool.get(model, load=False) or await run_in_threadpool(self.pool.get, model)    # a (re)load off the loop
+        px = self._probe(items, budget)
         if _kind_predict(pred) is not None:
             return [await run_in_threadpool(self.predict, d, n, model, user) for n, d in items]
-        dec = []
-        for name, data in items:
-            try: dec.append(self._decode(pred, data) if len(data) <= INLINE_DECODE_BYTES else await run_in_threadpool(self._decode, pred, data))
+        loop, dec = asyncio.get_running_loop(), []
+        for (name, data), n in zip(items, px):
+            try: dec.append(self._decode(pred, data) if n <= INLINE_DECODE_PIXELS else await loop.run_in_executor(self.decoder, self._decode, pred, data))
             except InvalidImageError as e: raise type(e)(f'{name}: {e}') from None
         b = self._batcher(pred)
         res = await asyncio.gather(*(asyncio.wrap_future(b.submit((x, raw.shape, d, name, user, t0))) for (name, d), (raw, x) in zip(items, dec)))
@@ -137,11 +161,23 @@ class PredictionService:
         if p is None: raise UnknownPredictionError(f'no prediction with id {str(prediction_id)[:80]!r}')
         return p
 
+    def task_of(self, prediction: dict) -> str | None:
+        "The task of the model version that made `prediction` (from the registry; None when that version is gone)."
+        try: return kind_of(self.pool.registry.metadata(prediction['model'], prediction['version']))[0]
+        except (RegistryError, OSError, ValueError): return None
+
+    def may_write(self, user: str | None) -> dict:
+        "The `user`/`is_admin` a write on a prediction runs as: no user (auth off) may write anything; a user, their own unless admin."
+        return dict(user=user, is_admin=user is None or self.store.role_of(user) == 'admin')
+
     def feedback(self, prediction_id: str, label: str, note: str = '', user: str | None = None) -> dict:
-        "Record that prediction `prediction_id` should have been `label` (one of its model's classes when the model is served)."
-        model = self.prediction(prediction_id)['model']
+        "Record that prediction `prediction_id` should have been `label` (one of its model's classes when the model is served); only its owner or an admin may."
+        p = self.prediction(prediction_id)
+        model, task = p['model'], self.task_of(p)
+        if task not in (None, 'classification'):
+            raise InvalidRequestError(f'prediction {prediction_id} is from a {task} model ({model}): correct it with its own route, not a label')
         classes = self.pool.get(model).classes if model in self.pool.names else None
-        fid = self.store.add_feedback(prediction_id, label, note=note, user=user, classes=classes)
+        fid = self.store.add_feedback(prediction_id, label, note=note, classes=classes, **self.may_write(user))
         self.metrics.feedback.labels(model or '?').inc()
         return dict(status='saved', feedback_id=fid, prediction_id=prediction_id, label=label)
 
