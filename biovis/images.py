@@ -4,7 +4,7 @@
 
 # %% ../nbs/01a_images.ipynb #3055ee02
 from __future__ import annotations
-import io, os, warnings
+import io, math, os
 from pathlib import Path
 
 import numpy as np
@@ -14,33 +14,18 @@ from .core import Settings
 from .errors import InvalidImageError, UploadTooLargeError
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'MAX_BYTES', 'MAX_SIDE', 'MAX_PIXELS', 'read_image', 'to_model_input', 'write_dicom']
+__all__ = ['IMAGE_EXTS', 'MAX_BYTES', 'MAX_SIDE', 'MAX_PIXELS', 'PIL_FORMATS', 'read_image', 'probe_image', 'to_model_input',
+           'write_dicom']
 
 # %% ../nbs/01a_images.ipynb #f9b7763e
 IMAGE_EXTS = set(Settings.image_exts)               # the defaults of `biovis.core.Settings`, the one place they are written
 MAX_BYTES = Settings.max_upload_mb * 2**20          # 20 MB, the upload limit of the server
 MAX_SIDE = Settings.max_side
 MAX_PIXELS = Settings.max_pixels                    # 64 Mpx; PIL's own bomb check fires at 2 x 89 Mpx
-
-def _is_dicom_bytes(b: bytes) -> bool: return len(b) > 132 and b[128:132] == b'DICM'
-
-def _dicom_to_array(ds) -> np.ndarray:
-    try: a = ds.pixel_array.astype(np.float64)
-    except Exception as e: raise InvalidImageError(f'DICOM without readable pixel data: {e}') from None
-    if a.ndim == 3 and a.shape[-1] not in (3,): a = a[0]           # multi-frame: first frame
-    slope, inter = float(getattr(ds, 'RescaleSlope', 1) or 1), float(getattr(ds, 'RescaleIntercept', 0) or 0)
-    a = a * slope + inter
-    wc, ww = getattr(ds, 'WindowCenter', None), getattr(ds, 'WindowWidth', None)
-    if wc is not None and ww is not None:
-        wc = float(wc[0] if hasattr(wc, '__len__') and not isinstance(wc, str) else wc)
-        ww = float(ww[0] if hasattr(ww, '__len__') and not isinstance(ww, str) else ww)
-        lo, hi = wc - ww / 2, wc + ww / 2
-    else: lo, hi = float(a.min()), float(a.max())
-    a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)
-    if str(getattr(ds, 'PhotometricInterpretation', '')).upper() == 'MONOCHROME1': a = 1 - a
-    return (a * 255 + 0.5).astype(np.uint8)
+PIL_FORMATS = ('PNG', 'JPEG', 'TIFF', 'BMP', 'GIF', 'WEBP')   # what Pillow may open; DICOM goes to pydicom
 
 def _check_dims(w, h, max_side, max_pixels):
+    "Refuse a zero-sized side, a side over `max_side` or more than `max_pixels` pixels."
     if w <= 0 or h <= 0: raise InvalidImageError(f'image has a zero-sized side ({w}x{h})')
     if w > max_side or h > max_side:
         raise InvalidImageError(f'image is {w}x{h} pixels; the longest side allowed is {max_side}')
@@ -48,7 +33,118 @@ def _check_dims(w, h, max_side, max_pixels):
         raise InvalidImageError(f'image is {w}x{h} = {w*h/1e6:.0f} Mpx, over the limit of {max_pixels/1e6:.0f} Mpx '
                                 '(a decompression bomb?)')
 
+# %% ../nbs/01a_images.ipynb #bbccaad8
+def _is_dicom_bytes(b: bytes) -> bool: return len(b) > 132 and b[128:132] == b'DICM'
+
+def _source_bytes(src, max_bytes: int) -> bytes:
+    "The bytes of a path or bytes-like `src`; refused when missing, empty or over `max_bytes`."
+    if isinstance(src, (str, os.PathLike)):
+        p = Path(src)
+        if not p.is_file(): raise InvalidImageError(f'no such file: {p}')
+        size = p.stat().st_size
+        if size > max_bytes: raise UploadTooLargeError(f'{p.name} is {size/2**20:.1f} MB; the limit is {max_bytes/2**20:.0f} MB')
+        b = p.read_bytes()
+    elif isinstance(src, bytes): b = src                          # no copy: the server's upload is already bytes
+    elif isinstance(src, (bytearray, memoryview)): b = bytes(src)
+    else: raise InvalidImageError(f'cannot read an image from a {type(src).__name__}')
+    if len(b) == 0: raise InvalidImageError('empty file: 0 bytes')
+    if len(b) > max_bytes: raise UploadTooLargeError(f'input is {len(b)/2**20:.1f} MB; the limit is {max_bytes/2**20:.0f} MB')
+    return b
+
+# %% ../nbs/01a_images.ipynb #34af2ec8
+def _dcmread(b: bytes, header_only: bool = False):
+    "Parse DICOM bytes with pydicom (only up to the pixel data when `header_only`); any parser failure is a corrupt file."
+    import pydicom
+    try: return pydicom.dcmread(io.BytesIO(b), stop_before_pixels=header_only)
+    except Exception as e: raise InvalidImageError(f'corrupt DICOM file: {type(e).__name__}: {e}') from None
+
+def _dicom_dims(ds, max_side: int, max_pixels: int) -> tuple[int, int]:
+    "(width, height) of one frame of `ds`, from its header, checked against the limits."
+    try: rows, cols, spp = int(ds.get('Rows') or 0), int(ds.get('Columns') or 0), int(ds.get('SamplesPerPixel') or 1)
+    except Exception as e: raise InvalidImageError(f'corrupt DICOM header: {type(e).__name__}: {e}') from None
+    if spp not in (1, 3): raise InvalidImageError(f'DICOM with {spp} samples per pixel (1 or 3 are images)')
+    _check_dims(cols, rows, max_side, max_pixels)
+    return cols, rows
+
+# %% ../nbs/01a_images.ipynb #c5cff942
+def _ds_number(ds, name: str, default=None):
+    "The first value of the numeric DICOM element `name` as a finite float (`default` when absent or empty)."
+    try:
+        v = ds.get(name)
+        if v is not None and not isinstance(v, (str, bytes)) and hasattr(v, '__len__'): v = v[0] if len(v) else None
+        if v is None or v == '': return default
+        x = float(v)
+    except Exception as e: raise InvalidImageError(f'DICOM {name} is not a number: {type(e).__name__}: {e}') from None
+    if not math.isfinite(x): raise InvalidImageError(f'DICOM {name} is {x}: the pixel values cannot be rescaled')
+    return x
+
+def _dicom_frame(ds) -> tuple[np.ndarray, int]:
+    "The first frame of `ds`, decoded alone, and its bits per sample (colour tables and YBR are made RGB)."
+    from pydicom.pixels import pixel_array, apply_color_lut
+    try:
+        a = pixel_array(ds, index=0)
+        if str(ds.get('PhotometricInterpretation', '')).upper() == 'PALETTE COLOR':
+            a = apply_color_lut(a, ds); return a, a.dtype.itemsize * 8
+        return a, int(ds.get('BitsStored') or a.dtype.itemsize * 8)
+    except Exception as e: raise InvalidImageError(f'DICOM without readable pixel data: {type(e).__name__}: {e}') from None
+
+# %% ../nbs/01a_images.ipynb #488faa00
+def _dicom_rgb(a: np.ndarray, bits: int) -> np.ndarray:
+    "A colour frame as RGB `uint8`: kept when 8-bit, scaled over its stored `bits` otherwise."
+    if a.ndim != 3 or a.shape[-1] != 3: raise InvalidImageError(f'DICOM frame of shape {a.shape} is not an image')
+    if a.dtype == np.uint8: return np.ascontiguousarray(a)
+    if a.dtype not in (np.uint16,): raise InvalidImageError(f'DICOM colour data of type {a.dtype} is not supported')
+    t = a.astype(np.float32); t *= 255 / (2 ** min(max(bits, 1), 16) - 1); t += 0.5
+    return np.clip(t, 0, 255, out=t).astype(np.uint8)
+
+def _dicom_window(ds, vmin: float, vmax: float) -> tuple[float, float]:
+    "The (low, high) of the window on rescaled values: the file's window, or the full range [`vmin`, `vmax`]."
+    wc, ww = _ds_number(ds, 'WindowCenter'), _ds_number(ds, 'WindowWidth')
+    if wc is None or ww is None: return vmin, vmax
+    if ww <= 0: raise InvalidImageError(f'DICOM WindowWidth is {ww}; a window is at least 1 wide')
+    return wc - ww / 2, wc + ww / 2
+
+# %% ../nbs/01a_images.ipynb #080b15cd
+def _dicom_to_array(ds) -> np.ndarray:
+    "First frame of `ds` as `uint8`: grayscale rescaled, windowed (full range without a window), MONOCHROME1 inverted."
+    a, bits = _dicom_frame(ds)
+    if a.ndim == 3: return _dicom_rgb(a, bits)
+    if a.ndim != 2 or a.dtype.kind not in 'uif': raise InvalidImageError(f'DICOM frame of shape {a.shape}, {a.dtype}, is not an image')
+    if a.dtype.kind == 'f' and not np.isfinite(a).all(): raise InvalidImageError('DICOM pixel data contains NaN or infinity')
+    slope, inter = _ds_number(ds, 'RescaleSlope', 1.0), _ds_number(ds, 'RescaleIntercept', 0.0)
+    if slope == 0: raise InvalidImageError('DICOM RescaleSlope is 0: every pixel would have one value')
+    amin, amax = float(a.min()), float(a.max())
+    vmin, vmax = sorted((amin * slope + inter, amax * slope + inter))
+    if not (math.isfinite(vmin) and math.isfinite(vmax)): raise InvalidImageError('DICOM rescaled pixel values overflow')
+    lo, hi = _dicom_window(ds, vmin, vmax)
+    scale = 255 / (hi - lo) if hi > lo else 0.0                        # a constant image is black, as before
+    k, c = slope * scale, (inter - lo) * scale                         # out = a * k + c, then clipped to 0..255
+    if str(ds.get('PhotometricInterpretation', '')).upper() == 'MONOCHROME1': k, c = -k, 255 - c
+    if not (math.isfinite(k) and math.isfinite(c)): raise InvalidImageError('DICOM window too narrow for its values')
+    a0 = float(np.clip(np.round(-c / k), amin, amax)) if k else 0.0    # an integer near the window's low edge
+    c0 = a0 * k + c + 0.5                                               # + 0.5: rounding by truncation below
+    ft = np.float32 if a.dtype.kind in 'ui' and a.dtype.itemsize <= 2 and abs(k) < 1e30 and abs(c0) < 1e30 else np.float64
+    t = a.astype(ft); t -= a0; t *= k; t += c0
+    return np.clip(t, 0, 255, out=t).astype(np.uint8)
+
+# %% ../nbs/01a_images.ipynb #6fcf8ef0
+def _pil_open(b: bytes, max_side: int, max_pixels: int) -> Image.Image:
+    "Open `b` lazily with Pillow (header only, `PIL_FORMATS` only) and check its size against the limits."
+    try: im = Image.open(io.BytesIO(b), formats=PIL_FORMATS)
+    except UnidentifiedImageError: raise InvalidImageError('not an image: the content is no known image format') from None
+    except Image.DecompressionBombError as e: raise InvalidImageError(f'decompression bomb: {e}') from None
+    except Exception as e: raise InvalidImageError(f'corrupt image header: {type(e).__name__}: {e}') from None
+    _check_dims(*im.size, max_side, max_pixels)
+    return im
+
+def _to_uint8_16bit(a: np.ndarray) -> np.ndarray:
+    "16-bit values scaled to 8 bits over their full range (v / 257, rounded)."
+    t = a.astype(np.float32); t *= 1 / 257; t += 0.5
+    return np.clip(t, 0, 255, out=t).astype(np.uint8)
+
+# %% ../nbs/01a_images.ipynb #9d73fe64
 def _pil_to_array(im: Image.Image) -> np.ndarray:
+    "A loaded PIL image as `uint8` HxW or HxWx3, converting the modes that have one faithful conversion."
     mode = im.mode
     if mode in ('RGB', 'L'): return np.asarray(im, dtype=np.uint8)
     if mode == '1': return np.asarray(im.convert('L'), dtype=np.uint8)
@@ -61,17 +157,16 @@ def _pil_to_array(im: Image.Image) -> np.ndarray:
             raise InvalidImageError(f'image has transparency ({mode}, {100*(a < 255).mean():.1f}% of pixels not opaque); '
                                     'flatten it onto a background first')
         return np.asarray(im.convert('RGB' if mode.startswith('RGB') else 'L'), dtype=np.uint8)
-    if mode.startswith('I;16') or (mode == 'I' and im.info.get('biovis_16bit')):
-        a = np.asarray(im).astype(np.float64)
-        return np.clip(a / 257 + 0.5, 0, 255).astype(np.uint8)
+    if mode.startswith('I;16') or (mode == 'I' and im.info.get('biovis_16bit')): return _to_uint8_16bit(np.asarray(im))
     if mode == 'I':
         a = np.asarray(im)
-        if a.size and a.min() >= 0 and a.max() <= 65535:  # 16-bit data that PIL opened as 32-bit (16-bit PNG)
-            return np.clip(a.astype(np.float64) / 257 + 0.5, 0, 255).astype(np.uint8)
+        if a.size and a.min() >= 0 and a.max() <= 65535: return _to_uint8_16bit(a)  # 16-bit data PIL opened as 32-bit (16-bit PNG)
         raise InvalidImageError('32-bit integer images are not supported: values outside 0..65535')
     raise InvalidImageError(f'unsupported image mode {mode!r}')
 
+# %% ../nbs/01a_images.ipynb #d3c4cbf2
 def _array_to_image_array(a: np.ndarray) -> np.ndarray:
+    "An in-memory array (HxW, HxWx3/4 or CHW; uint8, uint16, bool or float in [0, 1]) as `uint8` HxW or HxWx3."
     a = np.asarray(a)
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3, 4): a = np.moveaxis(a, 0, -1)  # CHW -> HWC
     if a.ndim == 3 and a.shape[-1] == 1: a = a[..., 0]
@@ -79,7 +174,7 @@ def _array_to_image_array(a: np.ndarray) -> np.ndarray:
         raise InvalidImageError(f'array of shape {a.shape} is not an image (H x W, H x W x 3 or H x W x 4)')
     if a.size == 0: raise InvalidImageError(f'array of shape {a.shape} is empty')
     if a.dtype == np.uint8: pass
-    elif a.dtype == np.uint16: a = np.clip(a / 257 + 0.5, 0, 255).astype(np.uint8)
+    elif a.dtype == np.uint16: a = _to_uint8_16bit(a)
     elif a.dtype == bool: a = a.astype(np.uint8) * 255
     elif np.issubdtype(a.dtype, np.floating):
         if not np.isfinite(a).all(): raise InvalidImageError('float image contains NaN or infinity')
@@ -91,46 +186,33 @@ def _array_to_image_array(a: np.ndarray) -> np.ndarray:
         a = a[..., :3]
     return np.ascontiguousarray(a)
 
+# %% ../nbs/01a_images.ipynb #72ca3547
 def read_image(src, max_bytes: int = MAX_BYTES, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     "Decode and validate `src` (path, bytes, PIL image, array or pydicom dataset) into an `uint8` HxW or HxWx3 array."
     if isinstance(src, np.ndarray): return _array_to_image_array(src)
     if isinstance(src, Image.Image):
         _check_dims(*src.size, max_side, max_pixels)
         return _pil_to_array(src)
-    if type(src).__name__ in ('FileDataset', 'Dataset') and hasattr(src, 'pixel_array') or hasattr(src, 'PixelData'):
+    if type(src).__name__ in ('FileDataset', 'Dataset'):
+        _dicom_dims(src, max_side, max_pixels)
         return _dicom_to_array(src)
-    if isinstance(src, (str, os.PathLike)):
-        p = Path(src)
-        if not p.is_file(): raise InvalidImageError(f'no such file: {p}')
-        size = p.stat().st_size
-        if size > max_bytes: raise UploadTooLargeError(f'{p.name} is {size/2**20:.1f} MB; the limit is {max_bytes/2**20:.0f} MB')
-        b = p.read_bytes()
-    elif isinstance(src, (bytes, bytearray, memoryview)): b = bytes(src)
-    else: raise InvalidImageError(f'cannot read an image from a {type(src).__name__}')
-    if len(b) == 0: raise InvalidImageError('empty file: 0 bytes')
-    if len(b) > max_bytes: raise UploadTooLargeError(f'input is {len(b)/2**20:.1f} MB; the limit is {max_bytes/2**20:.0f} MB')
+    b = _source_bytes(src, max_bytes)
     if _is_dicom_bytes(b):
-        import pydicom
-        try: ds = pydicom.dcmread(io.BytesIO(b))
-        except Exception as e: raise InvalidImageError(f'corrupt DICOM file: {e}') from None
-        rows, cols = int(getattr(ds, 'Rows', 0) or 0), int(getattr(ds, 'Columns', 0) or 0)
-        _check_dims(cols, rows, max_side, max_pixels)
+        ds = _dcmread(b)
+        _dicom_dims(ds, max_side, max_pixels)
         return _dicom_to_array(ds)
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('error', Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(b))
-            _check_dims(*im.size, max_side, max_pixels)   # from the header, before any pixel is decoded
-            im.load()
-    except InvalidImageError: raise
-    except UnidentifiedImageError: raise InvalidImageError('not an image: the content is no known image format') from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InvalidImageError(f'decompression bomb: {e}') from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InvalidImageError(f'corrupt or truncated image: {e}') from None
-    if getattr(im, 'n_frames', 1) > 1: im.seek(0)
+    im = _pil_open(b, max_side, max_pixels)                # from the header, before any pixel is decoded
+    ImageFile.LOAD_TRUNCATED_IMAGES = False               # a truncated file is refused, whoever set this before
+    try: im.load()                                        # the first frame only (GIF, TIFF, APNG)
+    except Exception as e: raise InvalidImageError(f'corrupt or truncated image: {type(e).__name__}: {e}') from None
     return _pil_to_array(im)
+
+# %% ../nbs/01a_images.ipynb #16df1083
+def probe_image(data, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES) -> tuple[int, int]:
+    "(width, height) of the frame `read_image(data)` would decode, from the header alone; raises as `read_image` would."
+    b = _source_bytes(data, max_bytes)
+    if _is_dicom_bytes(b): return _dicom_dims(_dcmread(b, header_only=True), max_side, max_pixels)
+    return _pil_open(b, max_side, max_pixels).size
 
 # %% ../nbs/01a_images.ipynb #73f90317
 def to_model_input(a: np.ndarray, size: int | tuple[int, int], channels: int = 3) -> np.ndarray:
@@ -145,20 +227,26 @@ def to_model_input(a: np.ndarray, size: int | tuple[int, int], channels: int = 3
     return out[..., None] if out.ndim == 2 else out
 
 # %% ../nbs/01a_images.ipynb #54af0776
-def write_dicom(a: np.ndarray, path, bits: int = 12, monochrome1: bool = False) -> Path:
-    "Write a grayscale `uint16`/`uint8` array as a minimal DICOM file (for examples and tests)."
-    import pydicom
+def write_dicom(a: np.ndarray, path=None, bits: int = 12, monochrome1: bool = False, rgb: bool | None = None, **tags) -> Path | bytes:
+    """Write `a` as a minimal DICOM file (for examples and tests): grayscale HxW (`uint16`, `bits` stored) or RGB HxWx3
+    `uint8`, with a leading frame axis for a multi-frame file; `tags` set further elements (`RescaleSlope=...`).
+    Returns the path, or the file's bytes when `path` is None."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid, SecondaryCaptureImageStorage
+    rgb = (a.ndim == 4 or (a.ndim == 3 and a.shape[-1] == 3)) if rgb is None else rgb
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b'\0' * 128)
+    ds = FileDataset(str(path or 'x.dcm'), {}, file_meta=meta, preamble=b'\0' * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PatientID = 'OT', 'ANON'
-    ds.Rows, ds.Columns = a.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, 'MONOCHROME1' if monochrome1 else 'MONOCHROME2'
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
-    ds.PixelData = a.astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    return Path(path)
+    if a.ndim == (4 if rgb else 3): ds.NumberOfFrames, (ds.Rows, ds.Columns) = a.shape[0], a.shape[1:3]
+    else: ds.Rows, ds.Columns = a.shape[:2]
+    if rgb: a, bits, ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = a.astype(np.uint8), 8, 3, 'RGB', 0
+    else: ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, 'MONOCHROME1' if monochrome1 else 'MONOCHROME2'
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8 if rgb else 16, bits, bits - 1, 0
+    for k, v in tags.items(): setattr(ds, k, v)
+    ds.PixelData = a.tobytes() if rgb else a.astype(np.uint16).tobytes()
+    f = io.BytesIO() if path is None else str(path)
+    ds.save_as(f, enforce_file_format=True)
+    return f.getvalue() if path is None else Path(path)
