@@ -41,7 +41,7 @@ def _fractions(mask: np.ndarray, classes: list) -> dict:
 def seg_predict(service, pred: SegPredictor, data: bytes, filename: str | None = None, user: str | None = None, t0=None) -> dict:
     "Segment, store and log one upload for `service` (a `PredictionService`); returns the JSON-ready answer with the mask."
     t0 = t0 or time.perf_counter()
-    img = read_image(data, max_bytes=service.max_bytes)
+    img = read_image(data, **service.image_limits)
     r = pred.predict(img)
     fr = _fractions(r.mask, pred.classes)
     label = max(pred.classes[1:], key=lambda c: fr[c]) if r.fg_fraction > 0 else pred.classes[0]

@@ -47,7 +47,9 @@ class PredictionService:
     def __init__(self, pool: ModelPool, store: FeedbackStore, max_bytes: int | None = None, max_batch: int = 64,
                  rate_limiter: RateLimiter | None = None):
         self.pool, self.store, self.max_batch = pool, store, max_batch
-        self.max_bytes = get_settings().max_upload_bytes if max_bytes is None else max_bytes
+        s = get_settings()
+        self.max_bytes = s.max_upload_bytes if max_bytes is None else max_bytes
+        self.image_limits = dict(max_bytes=self.max_bytes, max_side=s.max_side, max_pixels=s.max_pixels)   # for probe_image and read_image
         self.limiter = rate_limiter or RateLimiter(rate=0)
         self.metrics = Metrics()
         self._shown = {}
@@ -98,7 +100,7 @@ class PredictionService:
     def _decode(self, pred, data: bytes) -> tuple:
         "Check and decode one upload for `pred`: (the decoded image, the model input); raises `InvalidImageError`."
         check_upload_size(data, self.max_bytes)
-        raw = read_image(data, max_bytes=self.max_bytes)     # raises InvalidImageError for anything unreadable
+        raw = read_image(data, **self.image_limits)          # raises InvalidImageError for anything unreadable
         return raw, to_model_input(raw, pred.size, pred.channels)
 
     def _row(self, pred, out, filename, user, t0) -> dict:
@@ -130,7 +132,7 @@ class PredictionService:
         px = []
         for name, data in items:
             check_upload_size(data, self.max_bytes, name=name)
-            try: w, h = probe_image(data)
+            try: w, h = probe_image(data, **self.image_limits)
             except InvalidImageError as e: raise type(e)(f'{name}: {e}') from None
             budget.add_pixels(w * h, name); px.append(w * h)
         return px
