@@ -15,6 +15,10 @@ __all__ = ['IMAGE_EXTS', 'SAMPLE_NAME', 'env', 'set_env', 'child_env', 'Settings
            'set_seed', 'get_device', 'get_logger', 'sha256_bytes', 'sha256_file', 'atomic_write', 'write_json',
            'read_json', 'git_commit']
 
+# %% ../nbs/00_core.ipynb #927ac197
+import warnings
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
+
 # %% ../nbs/00_core.ipynb #c5b34284
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.dcm', '.dicom')
 
