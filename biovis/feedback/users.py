@@ -42,16 +42,19 @@ def add_user(self: FeedbackStore, username: str, password: str, role: str = 'cli
     except IntegrityError: raise FeedbackError(f'user {username!r} exists already') from None
 
 # %% ../../nbs/10b_feedback.users.ipynb #1836704a
+_OFF = '!'          # a disabled user's hash starts with '!' (as a locked account in /etc/shadow): no column to add
+
 @patch
 def verify_user(self: FeedbackStore, username: str, password: str) -> str | None:
-    "The role of `username` if `password` is right, else None."
+    "The role of `username` if `password` is right and the user is not disabled, else None."
     from argon2.exceptions import VerificationError, InvalidHashError
     ph = _hasher()
     if not isinstance(username, str) or not isinstance(password, str): return None
     u = self._run(lambda s: s.scalar(select(UserRecord).where(UserRecord.username == username)), write=False)
-    try: ph.verify(u.password_hash if u else _DUMMY, password)
+    usable = u is not None and not u.password_hash.startswith(_OFF)
+    try: ph.verify(u.password_hash if usable else _DUMMY, password)     # the same cost for unknown and disabled users
     except (VerificationError, InvalidHashError): return None
-    if u is None: return None
+    if not usable: return None
     if ph.check_needs_rehash(u.password_hash):
         h = ph.hash(password)
         def tx(s): s.get(UserRecord, u.id).password_hash = h
@@ -59,7 +62,37 @@ def verify_user(self: FeedbackStore, username: str, password: str) -> str | None
     return u.role
 
 @patch
-def role_of(self: FeedbackStore, username: str | None) -> str | None:
-    "The role of an existing user (for a session already logged in), else None."
+def user_state(self: FeedbackStore, username: str | None) -> dict | None:
+    "`{'role', 'disabled'}` of a user now (one lookup by the unique name), else None: what a logged-in request is checked against."
     if not isinstance(username, str): return None
-    return self._run(lambda s: s.scalar(select(UserRecord.role).where(UserRecord.username == username)), write=False)
+    r = self._run(lambda s: s.execute(select(UserRecord.role, UserRecord.password_hash).where(UserRecord.username == username)).first(),
+                  write=False)
+    return None if r is None else dict(role=r[0], disabled=r[1].startswith(_OFF))
+
+@patch
+def role_of(self: FeedbackStore, username: str | None) -> str | None:
+    "The role of an existing, enabled user (for a session already logged in), else None."
+    st = self.user_state(username)
+    return st['role'] if st and not st['disabled'] else None
+
+# %% ../../nbs/10b_feedback.users.ipynb #6b3bbe06
+@patch
+def set_user(self: FeedbackStore, username: str, role: str | None = None, disabled: bool | None = None) -> dict:
+    "Change a user's `role` and/or disable (`disabled=True`) or enable it; returns its new `user_state`."
+    if role is not None and role not in ROLES: raise FeedbackError(f'invalid role {role!r}; use one of {ROLES}')
+    def tx(s):
+        u = s.scalar(select(UserRecord).where(UserRecord.username == username))
+        if u is None: raise FeedbackError(f'no user {str(username)[:80]!r}')
+        if role is not None: u.role = role
+        if disabled is not None: u.password_hash = (_OFF if disabled else '') + u.password_hash.lstrip(_OFF)
+    self._run(tx)
+    return self.user_state(username)
+
+@patch
+def delete_user(self: FeedbackStore, username: str) -> None:
+    "Delete a user (their predictions and feedback stay, under their name)."
+    def tx(s):
+        u = s.scalar(select(UserRecord).where(UserRecord.username == username))
+        if u is None: raise FeedbackError(f'no user {str(username)[:80]!r}')
+        s.delete(u)
+    self._run(tx)

@@ -6,10 +6,11 @@
 # %% ../../nbs/12_serve.api.ipynb #9ac7f481
 from __future__ import annotations
 import biovis
-from ..errors import ModelNotFoundError
-from .auth import TokenSigner, bearer_user, user_name, is_admin
+from ..core import get_settings, set_env
+from ..errors import ModelNotFoundError, AuthenticationError, PermissionDeniedError, RateLimitedError
+from .auth import COOKIE, TokenSigner, UserStates, bearer_user, logged_in, user_name, is_admin
 from .errors import add_error_handlers, error_response
-from .limits import client_key
+from .limits import LoginThrottle, client_key
 from .uploads import read_predict_form
 from .metrics import MetricsMiddleware
 from .segment import add_seg_routes
@@ -30,12 +31,14 @@ def _add_health_routes(app, service, ui: bool):
     @app.get('/ping', summary='health: the served models and versions')
     def ping(): return {'status': 'ok', 'models': service.pool.versions(), 'default': service.pool.default}
 
-def _add_token_route(app, service, signer: TokenSigner):
-    "`POST /token`: log in with a user of the feedback store, get a bearer token."
+def _client_addr(request) -> str: return request.client.host if request.client else '?'
+
+def _add_token_route(app, service, signer: TokenSigner, throttle: LoginThrottle):
+    "`POST /token`: log in with a user of the feedback store, get a bearer token (failed logins throttled)."
     @app.post('/token', summary='log in: a bearer token for the REST API')
-    def token(username: str = Form(...), password: str = Form(...)):
-        role = service.store.verify_user(username, password)
-        if role is None: raise HTTPException(401, 'wrong user name or password')
+    def token(request: Request, username: str = Form(...), password: str = Form(...)):
+        role = throttle.login(username, _client_addr(request), lambda: service.store.verify_user(username, password))
+        if role is None: raise AuthenticationError('wrong user name or password')
         return {'access_token': signer.issue(username, role), 'token_type': 'bearer', 'role': role, 'expires_in': int(signer.ttl_s)}
 
 # %% ../../nbs/12_serve.api.ipynb #35bc8c7f
@@ -50,7 +53,7 @@ def _add_predict_route(app, service, user_of):
     @app.post('/predict', summary='classify one or many images (or a zip of images)', openapi_extra=_PREDICT_FORM_DOC)
     async def predict(request: Request, u=Depends(user_of)):
         user = user_name(u)
-        if not service.limiter.allow(client_key(request, user)): raise HTTPException(429, 'too many requests: slow down')
+        service.limiter.check(client_key(request, user))          # 429 with Retry-After
         items, model = await read_predict_form(request, service.max_bytes)
         out = await service.apredict(items, model=model, user=user)
         return JSONResponse({'predictions': out, 'count': len(out)})   # plain JSON types already: skip the re-encoding
@@ -74,7 +77,7 @@ def _add_feedback_route(app, service, user_of):
         if not isinstance(label, str) or not (isinstance(pid, str) or isinstance(up, UploadFile)):
             return error_response(m, 422, 'invalid_request', 'label and one of prediction_id or file are required')
         if not isinstance(pid, str):      # an image without a prediction: classify and log it first, then correct it
-            if not service.limiter.allow(client_key(request, user)): raise HTTPException(429, 'too many requests: slow down')
+            service.limiter.check(client_key(request, user))      # 429 with Retry-After
             model = body.get('model') if isinstance(body.get('model'), str) else None
             if label not in service.classes(model): raise InvalidLabelError(f'label {label!r} is not among the model classes')
             data = await up.read(service.max_bytes + 1)
@@ -94,8 +97,8 @@ def _add_history_routes(app, service, user_of):
     def delete(prediction_id: str, u=Depends(user_of)):
         return service.store.delete_prediction(prediction_id, user=user_name(u), is_admin=is_admin(u))
 
-def _add_admin_routes(app, service, user_of):
-    "`GET /models` (admins) and `GET /metrics` (Prometheus)."
+def _add_admin_routes(app, service, user_of, metrics_guard):
+    "`GET /models` (admins) and `GET /metrics` (Prometheus; behind `metrics_guard`)."
     from fastapi.responses import Response
     from prometheus_client import CONTENT_TYPE_LATEST
     @app.get('/models', summary='registered models and versions (admin)')
@@ -103,34 +106,122 @@ def _add_admin_routes(app, service, user_of):
         if not is_admin(u): raise HTTPException(403, 'admins only')
         return {'served': service.pool.versions(), 'registry': service.pool.registry.list()}
 
-    @app.get('/metrics', summary='Prometheus metrics')
-    def metrics():
+    @app.get('/metrics', summary='Prometheus metrics (admins, unless public_metrics)')
+    def metrics(_=Depends(metrics_guard)):
         for n in service.pool.names: service._info(service.pool.get(n))
         return Response(service.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
-def _mount_ui(app, service, auth: bool):
-    "The Gradio UI at `/ui`, behind the same users when auth is on."
+def _mount_ui(app, service, auth: bool, signer: TokenSigner, users: UserStates):
+    "The Gradio UI at `/ui`: uploads capped, its cache under BIOVIS_HOME, logged in by our cookie (every worker) when auth is on."
+    s = get_settings()
+    set_env(setdefault=True, GRADIO_TEMP_DIR=s.home/'cache'/'gradio')    # before Gradio is imported (it reads it then)
     import gradio as gr
     from biovis.serve.ui import build_ui
-    gauth = (lambda user, pw: service.store.verify_user(user, pw) is not None) if auth else None
-    return gr.mount_gradio_app(app, build_ui(service), path='/ui', auth=gauth,
-                               auth_message='biovis: log in with your account' if auth else None, footer_links=['api'])
+    blocks = build_ui(service)
+    blocks.delete_cache = (3600, 3600)          # hourly: uploads older than an hour leave the cache
+    who = (lambda request: user_name(logged_in(request, signer, users, cookie=True))) if auth else None
+    return gr.mount_gradio_app(app, blocks, path='/ui', auth_dependency=who, max_file_size=service.max_bytes, footer_links=['api'])
 
 # %% ../../nbs/12_serve.api.ipynb #8c5ba261
-def create_app(service: PredictionService, auth: bool = False, signer: TokenSigner | None = None, ui: bool = True):
-    "The FastAPI app: REST API, metrics, and the Gradio UI at `/ui`."
-    signer = signer or TokenSigner()
-    app = FastAPI(title='biovis demo', version=biovis.__version__,
+def _guard(auth: bool, public: bool | None, signer, users, admin: bool):
+    "The dependency that opens a route when `public` (None: when auth is off), else lets in a logged-in user (`admin`: an admin)."
+    async def guard(request: Request):
+        if (not auth) if public is None else public: return None
+        u = logged_in(request, signer, users, cookie=True)
+        if u is None: raise AuthenticationError('login required: send Authorization: Bearer <token> from POST /token')
+        if admin and not is_admin(u): raise PermissionDeniedError('admins only')
+        return u
+    return guard
+
+def _add_docs_routes(app, guard):
+    "`/openapi.json`, `/docs` (Swagger UI) and `/redoc`, behind `guard`."
+    from fastapi.openapi.docs import get_swagger_ui_html, get_redoc_html
+    from fastapi.responses import JSONResponse
+    @app.get('/openapi.json', include_in_schema=False)
+    def openapi(_=Depends(guard)): return JSONResponse(app.openapi())
+    @app.get('/docs', include_in_schema=False)
+    def docs(_=Depends(guard)): return get_swagger_ui_html(openapi_url='/openapi.json', title=app.title + ' - docs')
+    @app.get('/redoc', include_in_schema=False)
+    def redoc(_=Depends(guard)): return get_redoc_html(openapi_url='/openapi.json', title=app.title + ' - ReDoc')
+
+# %% ../../nbs/12_serve.api.ipynb #57ac2872
+_LOGIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>biovis: log in</title>
+<style>body{font-family:sans-serif;max-width:22em;margin:4em auto}input,button{display:block;width:100%;margin:.4em 0;padding:.4em}</style>
+</head><body><h2>biovis: log in with your account</h2><p style="color:#b00">{msg}</p>
+<form method="post" action="/login"><input type="hidden" name="next" value="{next}">
+<input name="username" id="username" placeholder="user name" autocomplete="username" required autofocus>
+<input name="password" id="password" type="password" placeholder="password" autocomplete="current-password" required>
+<button type="submit" id="login">Log in</button></form></body></html>"""
+
+def _login_page(msg: str = '', next: str = '/ui/', status: int = 200, headers=None):
+    import html
+    from fastapi.responses import HTMLResponse
+    return HTMLResponse(_LOGIN_PAGE.replace('{msg}', html.escape(msg)).replace('{next}', html.escape(next)), status, headers)
+
+def _safe_next(n) -> str: return n if isinstance(n, str) and n.startswith('/') and not n.startswith('//') and '\\' not in n else '/ui/'
+
+def _set_login_cookie(resp, request, signer, username: str, role: str):
+    resp.set_cookie(COOKIE, signer.issue(username, role), max_age=int(signer.ttl_s), httponly=True, samesite='lax',
+                    secure=request.url.scheme == 'https', path='/')
+    return resp
+
+# %% ../../nbs/12_serve.api.ipynb #d4417d9f
+class _LoginRedirect:
+    "Pure ASGI middleware: a browser opening `/ui` without a valid login is sent to `/login`."
+    def __init__(self, app, check): self.app, self.check = app, check
+    async def __call__(self, scope, receive, send):
+        if scope['type'] == 'http' and scope['method'] == 'GET' and scope['path'] in ('/ui', '/ui/'):
+            from starlette.requests import Request as _R
+            from fastapi.responses import RedirectResponse
+            if self.check(_R(scope)) is None: return await RedirectResponse('/login?next=/ui/', 303)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+def _add_login_routes(app, service, signer, users, throttle):
+    "`GET/POST /login` (the UI's login form), `POST /ui/login` (Gradio's login protocol), `GET /logout`; `/ui` redirected to `/login` without a login."
+    from fastapi.responses import JSONResponse, RedirectResponse
+    from starlette.concurrency import run_in_threadpool
+    async def check(request, username, password):       # Argon2 off the event loop; throttled first
+        return await run_in_threadpool(throttle.login, username, _client_addr(request),
+                                       lambda: service.store.verify_user(username, password))
+    @app.get('/login', include_in_schema=False)
+    def login_form(next: str = '/ui/'): return _login_page(next=_safe_next(next))
+    @app.post('/login', include_in_schema=False)
+    async def login(request: Request, username: str = Form(...), password: str = Form(...), next: str = Form('/ui/')):
+        try: role = await check(request, username, password)
+        except RateLimitedError as e:
+            return _login_page(str(e), _safe_next(next), 429, {'Retry-After': str(e.retry_after)})
+        if role is None: return _login_page('Wrong user name or password.', _safe_next(next), 401)
+        return _set_login_cookie(RedirectResponse(_safe_next(next), 303), request, signer, username, role)
+    @app.post('/ui/login', include_in_schema=False)
+    @app.post('/ui/login/', include_in_schema=False)
+    async def ui_login(request: Request, username: str = Form(...), password: str = Form(...)):
+        role = await check(request, username, password)
+        if role is None: raise AuthenticationError('wrong user name or password')
+        return _set_login_cookie(JSONResponse({'success': True}), request, signer, username, role)
+    @app.get('/logout', include_in_schema=False)
+    def logout():
+        r = RedirectResponse('/login', 303); r.delete_cookie(COOKIE, path='/'); return r
+    app.add_middleware(_LoginRedirect, check=lambda r: logged_in(r, signer, users, cookie=True))
+
+# %% ../../nbs/12_serve.api.ipynb #488057eb
+def create_app(service: PredictionService, auth: bool = False, signer: TokenSigner | None = None, ui: bool = True,
+               throttle: LoginThrottle | None = None):
+    "The FastAPI app: REST API, metrics, docs, the login page and the Gradio UI at `/ui`."
+    signer, throttle, users = signer or TokenSigner(), throttle or LoginThrottle(), UserStates(service.store)
+    s = get_settings()
+    app = FastAPI(title='biovis demo', version=biovis.__version__, docs_url=None, redoc_url=None, openapi_url=None,
                   description='Classify biomedical images, explain, and collect corrections.')
-    app.state.service, app.state.auth, app.state.signer = service, auth, signer
+    app.state.service, app.state.auth, app.state.signer, app.state.throttle = service, auth, signer, throttle
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
     add_error_handlers(app, service.metrics)
-    user_of = bearer_user(auth, signer)
+    user_of = bearer_user(auth, signer, users)
     _add_health_routes(app, service, ui)
-    _add_token_route(app, service, signer)
+    _add_token_route(app, service, signer, throttle)
+    if auth: _add_login_routes(app, service, signer, users, throttle)
+    _add_docs_routes(app, _guard(auth, s.public_docs, signer, users, admin=False))
     _add_predict_route(app, service, user_of)
     add_seg_routes(app, service, user_of)          # POST /feedback/mask (segmentation)
     _add_feedback_route(app, service, user_of)
     _add_history_routes(app, service, user_of)
-    _add_admin_routes(app, service, user_of)
-    return _mount_ui(app, service, auth) if ui else app
+    _add_admin_routes(app, service, user_of, _guard(auth, s.public_metrics, signer, users, admin=True))
+    return _mount_ui(app, service, auth, signer, users) if ui else app

@@ -5,19 +5,18 @@ workers, and `serve` (what `biovis serve` runs)."""
 
 # %% ../../nbs/12_serve.launch.ipynb #c2833209
 from __future__ import annotations
-import secrets
 
 from ..core import get_settings, set_env
 from ..feedback import FeedbackStore
 from ..registry import ModelRegistry
 from .api import create_app
-from .auth import auth_enabled
+from .auth import auth_enabled, signing_key
 from .limits import RateLimiter
 from .pool import ModelPool
 from .service import PredictionService
 
 # %% auto #0
-__all__ = ['build_service', 'app_from_env', 'serve']
+__all__ = ['build_service', 'app_from_env', 'uvicorn_options', 'serve']
 
 # %% ../../nbs/12_serve.launch.ipynb #4e1fbf26
 def build_service(models: list | None = None, registry: ModelRegistry | None = None, store: FeedbackStore | None = None,
@@ -41,11 +40,19 @@ def app_from_env():
     return create_app(build_service(list(get_settings().serve_models) or None), auth=auth_enabled())
 
 # %% ../../nbs/12_serve.launch.ipynb #5ae8fd29
+def uvicorn_options() -> dict:
+    "uvicorn's options of `serve`: proxies trusted only when listed in `trusted_proxies` ('' = none), no access log (requests are counted in /metrics)."
+    trusted = get_settings().trusted_proxies.strip()
+    return dict(proxy_headers=bool(trusted), forwarded_allow_ips=trusted, log_level='warning', access_log=False)
+
+# %% ../../nbs/12_serve.launch.ipynb #93c7ed45
 def serve(host: str = '127.0.0.1', port: int = 7860, models: list | None = None, auth: bool | None = None,
           share: bool = False, workers: int = 1, say=print):
     "Serve the UI and the REST API until Ctrl-C (`workers` > 1: that many processes on one port)."
     import uvicorn
-    set_env(setdefault=True, GRADIO_ANALYTICS_ENABLED='False')
+    s = get_settings()
+    set_env(setdefault=True, GRADIO_ANALYTICS_ENABLED='False', GRADIO_TEMP_DIR=s.home/'cache'/'gradio')
+    if not s.secret: signing_key()       # the key file exists before any worker starts; each reads it
     _torch_threads()
     service = build_service(models)
     app = create_app(service, auth=auth_enabled(auth))
@@ -58,9 +65,6 @@ def serve(host: str = '127.0.0.1', port: int = 7860, models: list | None = None,
         f'(REST: /ping /predict /feedback /metrics, docs: /docs){f" with {workers} workers" if workers > 1 else ""}; Ctrl-C stops')
     if workers > 1:   # each worker process builds its own app; the store and the registry are shared on disk
         set_env(BIOVIS_SERVE_MODELS=','.join(service.pool.names))
-        # one signing key for all the workers: a token signed by one must verify on the others (without it, each
-        # worker drew its own random key and about half of the authenticated requests got 401; issue 13)
-        if not get_settings().secret: set_env(BIOVIS_SECRET=secrets.token_hex(32))
         if auth is not None: set_env(BIOVIS_AUTH='1' if auth else '0')
-        uvicorn.run('biovis.serve.launch:app_from_env', factory=True, host=host, port=port, workers=workers, log_level='warning', access_log=False)
-    else: uvicorn.run(app, host=host, port=port, log_level='warning', access_log=False)     # requests are counted in /metrics
+        uvicorn.run('biovis.serve.launch:app_from_env', factory=True, host=host, port=port, workers=workers, **uvicorn_options())
+    else: uvicorn.run(app, host=host, port=port, **uvicorn_options())
