@@ -8,7 +8,7 @@ import jwt
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from test_serve import Server, _free_port, _png      # noqa: F401  (tests/ is on sys.path)
 
 PW = {'ana': 'ana-secret-pw', 'bo': 'bo-secret-pw', 'root': 'root-secret-pw'}
@@ -73,23 +73,24 @@ def test_tokens_are_jwt_signed_with_the_key_file_every_worker_reads(workers2):
 
 
 def test_a_changed_user_loses_the_rights_of_its_token(trained, tmp_path):
-    "Finding 8: a demoted admin's token loses admin rights, a disabled or deleted user's token is refused (within the 2 s cache)."
+    "Finding 8: a demoted admin's token loses admin rights, a disabled or deleted user's token is refused (within the 2 s cache); changed with the CLI."
     _users(tmp_path)
     s = Server(tmp_path, trained[0].root, args=['--auth'])
+    users = lambda *a: run_cli('users', *a, home=tmp_path, check=0, env=dict(BIOVIS_DB_URL=f'sqlite:///{tmp_path}/data/biovis.db'))
     try:
         h = _bearer(s.url, 'root')
         assert httpx.get(s.url + '/models', headers=h).status_code == 200
-        with _store(tmp_path) as st:
-            st.set_user('root', role='clinician'); time.sleep(2.5)
-            assert httpx.get(s.url + '/models', headers=h).status_code == 403          # the store's role now, not the token's
-            st.set_user('root', disabled=True); time.sleep(2.5)
-            r = httpx.get(s.url + '/history', headers=h)
-            assert r.status_code == 401 and r.json()['error'] == 'unauthorized'
-            assert _token(s.url, 'root').status_code == 401                           # and cannot log in again
-            st.set_user('root', role='admin', disabled=False); time.sleep(2.5)
-            assert httpx.get(s.url + '/models', headers=h).status_code == 200
-            st.delete_user('root'); time.sleep(2.5)
-            assert httpx.get(s.url + '/history', headers=h).status_code == 401
+        users('role', 'root', 'clinician'); time.sleep(2.5)
+        assert httpx.get(s.url + '/models', headers=h).status_code == 403          # the store's role now, not the token's
+        users('disable', 'root'); time.sleep(2.5)
+        r = httpx.get(s.url + '/history', headers=h)
+        assert r.status_code == 401 and r.json()['error'] == 'unauthorized'
+        assert _token(s.url, 'root').status_code == 401                           # and cannot log in again
+        users('role', 'root', 'admin'); users('enable', 'root'); time.sleep(2.5)
+        assert httpx.get(s.url + '/models', headers=h).status_code == 200
+        users('delete', 'root'); time.sleep(2.5)
+        assert httpx.get(s.url + '/history', headers=h).status_code == 401
+        assert run_cli('users', 'delete', 'root', home=tmp_path, env=dict(BIOVIS_DB_URL=f'sqlite:///{tmp_path}/data/biovis.db')).returncode != 0
     finally: s.stop()
 
 
