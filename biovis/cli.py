@@ -16,7 +16,7 @@ from .commands.core import Commands, EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_N
 __all__ = ['COMMAND_FAMILIES', 'build_parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #4e8fb757
-COMMAND_FAMILIES = ['models', 'serve', 'bench', 'segment', 'drift', 'pipeline', 'keras']
+COMMAND_FAMILIES = ['models', 'serve', 'bench', 'segment', 'drift', 'pipeline', 'keras', 'docs']
 
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of the `biovis` command: the common options, then each family's commands."
