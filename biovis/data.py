@@ -19,9 +19,9 @@ from .images import (IMAGE_EXTS, MAX_BYTES, MAX_SIDE, MAX_PIXELS, read_image, to
                            write_dicom)
 
 # %% auto #0
-__all__ = ['SPLITS', 'MEDMNIST_CLASSES', 'BLOODMNIST_URL', 'BLOODMNIST_MD5', 'ImageDataset', 'from_npz', 'from_folder',
-           'from_csv', 'export_folder', 'find_bloodmnist', 'load_dataset', 'DataFetchError', 'fetch_bloodmnist',
-           'make_sample']
+__all__ = ['SPLITS', 'MEDMNIST_CLASSES', 'BLOODMNIST_URL', 'BLOODMNIST_MD5', 'GENERIC_NAMES', 'ImageDataset', 'from_npz',
+           'dataset_name', 'from_folder', 'from_csv', 'export_folder', 'find_bloodmnist', 'load_dataset',
+           'DataFetchError', 'fetch_bloodmnist', 'make_sample']
 
 # %% ../nbs/01_data.ipynb #fe4e3d28
 SPLITS = ('train', 'valid', 'test')
@@ -160,6 +160,19 @@ def from_npz(path, classes: list | None = None, name: str | None = None) -> Imag
     return ImageDataset(list(classes), y, np.array(ss, dtype=object), array=x, source=str(path), name=name)
 
 # %% ../nbs/01_data.ipynb #86613ec9
+GENERIC_NAMES = frozenset('images image imgs img pictures photos files data dataset datasets raw input inputs samples '
+                          'all train training valid val validation test testing labels label list manifest metadata '
+                          'annotations index export tmp temp'.split())
+
+def dataset_name(path, up: int = 2) -> str:
+    "The default name of a folder or CSV data set: its own name, or its nearest parent's (up to `up` levels) when that is generic."
+    p = Path(path).expanduser().resolve()
+    own = p.stem if p.is_file() or p.suffix.lower() == '.csv' else p.name
+    for n in [own] + [q.name for q in p.parents][:up]:
+        if n and n.lower() not in GENERIC_NAMES: return n
+    return own or 'dataset'
+
+# %% ../nbs/01_data.ipynb #70a7597e
 _SPLIT_DIRS = {'train': 'train', 'valid': 'valid', 'val': 'valid', 'test': 'test'}
 
 def _stratified_assign(labels, fracs: dict, seed: int) -> np.ndarray:
@@ -199,7 +212,7 @@ def from_folder(path, valid_pct: float = 0.15, test_pct: float = 0.15, seed: int
     if missing:
         pool = np.flatnonzero(undecided)
         splits[pool] = _stratified_assign(labels[pool], missing, seed)
-    return ImageDataset(classes, labels, splits, paths=paths, source=str(root), name=name or root.name)
+    return ImageDataset(classes, labels, splits, paths=paths, source=str(root), name=name or dataset_name(root))
 
 # %% ../nbs/01_data.ipynb #d917974a
 def from_csv(path, valid_pct: float = 0.15, test_pct: float = 0.15, seed: int = 42, classes: list | None = None,
@@ -222,7 +235,7 @@ def from_csv(path, valid_pct: float = 0.15, test_pct: float = 0.15, seed: int = 
         splits = np.array(sp, dtype=object)
     else: splits = _stratified_assign(labels, {'valid': valid_pct, 'test': test_pct}, seed)
     return ImageDataset(classes, labels, splits, paths=[Path(p) for p in paths], source=str(path.parent),
-                        name=name or path.stem)
+                        name=name or dataset_name(path))
 
 # %% ../nbs/01_data.ipynb #19467f5b
 def export_folder(ds: ImageDataset, dest, fmt: str = 'png', per_class: int | None = None) -> Path:

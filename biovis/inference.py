@@ -23,7 +23,7 @@ import threading
 from contextlib import contextmanager
 
 # %% auto #0
-__all__ = ['Prediction', 'fuse_conv_bn', 'Predictor', 'gradcam', 'overlay', 'ArtifactPredictor']
+__all__ = ['TURBO_LUT', 'Prediction', 'fuse_conv_bn', 'Predictor', 'gradcam', 'colormap', 'overlay', 'ArtifactPredictor']
 
 # %% ../nbs/06_inference.ipynb #4d2db1e3
 @dataclass
@@ -139,13 +139,25 @@ def gradcam(model: torch.nn.Module, x: torch.Tensor, target: int | None = None):
         h1.remove(); h2.remove(); model.train(was); model.zero_grad(set_to_none=True)
 
 # %% ../nbs/06_inference.ipynb #bd751084
-def overlay(img: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    "Blend a [0, 1] heat map (any size) onto an uint8 image as a red-yellow colour map; returns H x W x 3 uint8."
+_TURBO = np.array([(48, 18, 59), (64, 64, 162), (70, 107, 227), (66, 148, 255), (40, 188, 235), (24, 221, 194),
+                   (50, 242, 152), (109, 254, 98), (164, 252, 60), (205, 236, 52), (238, 207, 58), (253, 172, 52),
+                   (251, 126, 33), (235, 80, 14), (208, 47, 5), (169, 22, 1), (122, 4, 3)], np.float64)
+TURBO_LUT = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_TURBO)), _TURBO[:, i]) for i in range(3)],
+                     -1).round().astype(np.uint8)
+
+def colormap(heat: np.ndarray, lut: np.ndarray = TURBO_LUT) -> np.ndarray:
+    "A [0, 1] heat map (H x W) as colours (H x W x 3 uint8) through a 256-entry colour table (default: Turbo)."
+    return lut[(np.clip(np.nan_to_num(heat), 0, 1) * 255).round().astype(np.intp)]
+
+# %% ../nbs/06_inference.ipynb #8d668325
+def overlay(img: np.ndarray, heat: np.ndarray, alpha: float = 0.5, lut: np.ndarray = TURBO_LUT) -> np.ndarray:
+    "Blend a [0, 1] heat map (any size, resized to the image) in colour onto an uint8 image at opacity `alpha`; returns H x W x 3 uint8."
     from PIL import Image as _I
     rgb = img if img.ndim == 3 and img.shape[-1] == 3 else np.repeat((img if img.ndim == 2 else img[..., 0])[..., None], 3, -1)
-    h = np.asarray(_I.fromarray((heat * 255).astype(np.uint8)).resize((rgb.shape[1], rgb.shape[0]), _I.BILINEAR)) / 255.
-    cmap = np.stack([np.clip(2 * h, 0, 1), np.clip(2 * h - 1, 0, 1), np.zeros_like(h)], -1) * 255
-    return (rgb * (1 - alpha * h[..., None]) + cmap * alpha * h[..., None]).clip(0, 255).astype(np.uint8)
+    if heat.shape != rgb.shape[:2]:
+        heat = np.asarray(_I.fromarray((np.clip(heat, 0, 1) * 255).astype(np.uint8)).resize((rgb.shape[1], rgb.shape[0]), _I.BILINEAR)) / 255.
+    alpha = float(np.clip(alpha, 0, 1))
+    return (rgb * (1 - alpha) + colormap(heat, lut) * alpha).round().clip(0, 255).astype(np.uint8)
 
 # %% ../nbs/06_inference.ipynb #c342bb26
 @patch

@@ -15,10 +15,12 @@ import gradio as gr   # this module is the UI: it is imported only when the serv
 
 from ..core import get_settings
 from ..errors import InvalidImageError, InvalidInputError
+from ..inference import overlay
 from .segment import seg_tab
 
 # %% auto #0
-__all__ = ['classify_files', 'flag_prediction', 'correct_row', 'organise_zip', 'history_table', 'delete_upload', 'build_ui']
+__all__ = ['TABLE_COLUMNS', 'HISTORY_COLUMNS', 'cam_panel', 'recolour', 'classify_files', 'flag_prediction', 'correct_row',
+           'organise_zip', 'history_table', 'delete_upload', 'build_ui']
 
 # %% ../../nbs/12_serve.ui.ipynb #918431b6
 def _user(request) -> str | None: return getattr(request, 'username', None) if request is not None else None
@@ -30,11 +32,34 @@ def _display_size(a: np.ndarray, min_side: int = 256) -> np.ndarray:
     k = max(1, -(-min_side // min(a.shape[:2])))
     return a.repeat(k, 0).repeat(k, 1) if k > 1 else a
 
+TABLE_COLUMNS = ['id', 'file', 'predicted', 'p']
+HISTORY_COLUMNS = ['id', 'time', 'file', 'predicted', 'model', 'feedback']
+
+def _table(rows=(), columns=TABLE_COLUMNS) -> pd.DataFrame:
+    "A table with its real column headers even when it has no rows (Gradio shows `1 2 3` for a frame without columns)."
+    return pd.DataFrame(list(rows), columns=columns)
+
+# %% ../../nbs/12_serve.ui.ipynb #2c8eb096
+def cam_panel(img: np.ndarray, heat: np.ndarray, alpha: float = 0.5, min_side: int = 256, gap: int = 8) -> np.ndarray:
+    "The image and its Grad-CAM overlay at opacity `alpha` side by side, enlarged by whole pixels to >= `min_side` on the short side."
+    left, right = overlay(img, heat, 0.0), overlay(img, heat, alpha)       # alpha 0: the image itself, as RGB
+    left, right = _display_size(left, min_side), _display_size(right, min_side)
+    return np.concatenate([left, np.full((left.shape[0], gap, 3), 255, np.uint8), right], 1)
+
+def recolour(state, alpha):
+    "The Grad-CAM panel at a new opacity, from the heat map kept in `state` (no new prediction)."
+    return None if not state else cam_panel(state['img'], state['heat'], alpha)
+
 # %% ../../nbs/12_serve.ui.ipynb #b926342c
-def classify_files(service, files, model=None, request=None):
-    "Classify uploaded files: (label dict of the first, Grad-CAM overlay, info markdown, table, prediction ids)."
-    if not files: return None, None, 'Upload an image first.', pd.DataFrame(), []
-    rows, ids, first, overlay_img, msgs = [], [], None, None, []
+def _gradcam(service, data, model=None) -> dict:
+    "Grad-CAM of one upload from the served model: {heat, img}, what `recolour` needs to redraw the panel."
+    heat, img, _ = service.pool.get(model).explain(data)
+    return dict(heat=heat, img=img)
+
+def classify_files(service, files, model=None, request=None, alpha: float = 0.5):
+    "Classify uploaded files: (label dict of the first, Grad-CAM panel, info markdown, table, prediction ids, Grad-CAM state)."
+    if not files: return None, None, 'Upload an image first.', _table(), [], None
+    rows, ids, first, cam, msgs = [], [], None, None, []
     for f in files:
         name = Path(f).name
         try: r = service.predict(_read(f), filename=name, model=model, user=_user(request))
@@ -43,13 +68,13 @@ def classify_files(service, files, model=None, request=None):
         ids.append(r['id'])
         if first is None:
             first = r
-            try: overlay_img = _display_size(service.explain(_read(f), model=model))
+            try: cam = _gradcam(service, _read(f), model)
             except Exception as e: msgs.append(f'no explanation: {e}')
-    if first is None: return None, None, '\n\n'.join(msgs) or 'Nothing to classify.', pd.DataFrame(), []
+    if first is None: return None, None, '\n\n'.join(msgs) or 'Nothing to classify.', _table(), [], None
     info = (f"**{first['label']}** (p = {first['probs'][first['label']]:.3f}) · model **{first['model']} {first['version']}** · "
             f"prediction id `{first['id']}`")
     if msgs: info += '\n\n' + '\n\n'.join(msgs)
-    return first['probs'], overlay_img, info, pd.DataFrame(rows), ids
+    return first['probs'], recolour(cam, alpha), info, _table(rows), ids, cam
 
 # %% ../../nbs/12_serve.ui.ipynb #629446cf
 def flag_prediction(service, ids, correct, note='', request=None) -> str:
@@ -85,9 +110,9 @@ def organise_zip(service, table: pd.DataFrame, files) -> str | None:
 def history_table(service, request=None) -> pd.DataFrame:
     "The user's own uploads (everyone's when auth is off), newest first."
     rows = service.store.history(_user(request), limit=200)
-    return pd.DataFrame([dict(id=r['id'], time=r['created'], file=r.get('filename'), predicted=r['label'],
-                              model=f"{r['model']} {r['version']}",
-                              feedback=', '.join(f['correct_label'] for f in r.get('feedback', []))) for r in rows])
+    return _table([dict(id=r['id'], time=r['created'], file=r.get('filename'), predicted=r['label'],
+                        model=f"{r['model']} {r['version']}",
+                        feedback=', '.join(f['correct_label'] for f in r.get('feedback', []))) for r in rows], HISTORY_COLUMNS)
 
 def delete_upload(service, prediction_id, request=None) -> str:
     "Delete one of the user's uploads: image, prediction and feedback."
@@ -105,7 +130,7 @@ def build_ui(service):
     file_types = list(get_settings().image_exts)
     # Gradio passes the request (with the logged-in user name) to parameters annotated `gr.Request`
     def _classify(f, m, request: gr.Request): return classify_files(service, f, m, request)
-    def _batch(f, m, request: gr.Request): return classify_files(service, f, m, request)[3:]
+    def _batch(f, m, request: gr.Request): return classify_files(service, f, m, request)[3:5]
     def _flag(i, c, n, request: gr.Request): return flag_prediction(service, i, c, n, request)
     def _correct(i, c, request: gr.Request): return correct_row(service, i, c, request)
     def _history(request: gr.Request): return history_table(service, request)
@@ -123,21 +148,26 @@ def build_ui(service):
                 with gr.Column():
                     label = gr.Label(num_top_classes=3, label='Prediction', elem_id='prediction')
                     info = gr.Markdown(elem_id='info')
-                    cam = gr.Image(label='Grad-CAM: where the model looked', type='numpy', interactive=False)
-            table = gr.Dataframe(label='All uploaded images', interactive=False)
-            ids = gr.State([])
+            cam = gr.Image(label='Grad-CAM: the image, and beside it where the model looked (red: most, blue: least)',
+                           type='numpy', format='png', interactive=False, elem_id='cam', height=300)
+            calpha = gr.Slider(0, 1, value=0.5, step=0.05, label='Heat-map opacity', elem_id='cam-alpha')
+            table = gr.Dataframe(_table(), label='All uploaded images', interactive=False, elem_id='table')
+            ids, cstate = gr.State([]), gr.State(None)
             with gr.Group():
                 gr.Markdown('**Wrong?** Choose the correct label and save.')
                 correct = gr.Radio(classes, label='The correct label is', elem_id='correct')
                 note = gr.Textbox(label='Note (optional)', elem_id='note')
                 flag = gr.Button('Save correction', elem_id='flag')
                 saved = gr.Markdown(elem_id='saved')
-            go.click(_classify, [files, model], [label, cam, info, table, ids], api_name='classify')
+            # the panel is drawn at the slider's opacity right after (the /classify API keeps its inputs)
+            go.click(_classify, [files, model], [label, cam, info, table, ids, cstate], api_name='classify').then(
+                recolour, [cstate, calpha], cam, api_visibility='private')
+            calpha.change(recolour, [cstate, calpha], cam, api_name='cam_overlay')
             flag.click(_flag, [ids, correct, note], saved, api_name='flag')
         with gr.Tab('Batch'):
             bfiles = gr.File(label='Many images', file_count='multiple', file_types=file_types)
             bgo = gr.Button('Classify all', variant='primary')
-            btable = gr.Dataframe(label='Predictions', interactive=False)
+            btable = gr.Dataframe(_table(), label='Predictions', interactive=False, elem_id='btable')
             bids = gr.State([])
             sort = gr.Button('Organise by predicted class (zip)')
             zipped = gr.File(label='Download')
@@ -151,7 +181,7 @@ def build_ui(service):
             rsave.click(_correct, [rid, rlabel], rmsg, api_name='correct')
         with gr.Tab('History'):
             refresh = gr.Button('Show my uploads')
-            htable = gr.Dataframe(interactive=False)
+            htable = gr.Dataframe(_table(columns=HISTORY_COLUMNS), interactive=False, elem_id='htable')
             with gr.Row():
                 did = gr.Textbox(label='Prediction id to delete')
                 dbtn = gr.Button('Delete', variant='stop')
