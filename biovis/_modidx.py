@@ -1030,6 +1030,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                            'biovis/serve/service.py'),
                                       'biovis.serve.service.PredictionService.may_write': ( 'serve.service.html#predictionservice.may_write',
                                                                                             'biovis/serve/service.py'),
+                                      'biovis.serve.service.PredictionService.new_budget': ( 'serve.service.html#predictionservice.new_budget',
+                                                                                             'biovis/serve/service.py'),
                                       'biovis.serve.service.PredictionService.predict': ( 'serve.service.html#predictionservice.predict',
                                                                                           'biovis/serve/service.py'),
                                       'biovis.serve.service.PredictionService.prediction': ( 'serve.service.html#predictionservice.prediction',

@@ -54,8 +54,9 @@ def _add_predict_route(app, service, user_of):
     async def predict(request: Request, u=Depends(user_of)):
         user = user_name(u)
         service.limiter.check(client_key(request, user))          # 429 with Retry-After
-        items, model = await read_predict_form(request, service.max_bytes)
-        out = await service.apredict(items, model=model, user=user)
+        budget = service.new_budget()         # one budget for the request: its files, zips and pixels together
+        items, model = await read_predict_form(request, service.max_bytes, budget)
+        out = await service.apredict(items, model=model, user=user, budget=budget)
         return JSONResponse({'predictions': out, 'count': len(out)})   # plain JSON types already: skip the re-encoding
 
 # %% ../../nbs/12_serve.api.ipynb #202b55dd
