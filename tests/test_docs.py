@@ -32,6 +32,8 @@ def test_site_has_every_page(site):
     assert 'biovis.evaluate.evaluate' in api and 'plot_confusion' in api   # py: objects of the __all__ names
     index = (site/'index.html').read_text()
     assert 'href="04_evaluate.html"' in index and 'href="api/biovis.evaluate.html"' in index
+    tutorials = sorted(p.stem for p in (ROOT/'nbs'/'tutorials').glob('*.ipynb'))
+    assert tutorials and all((site/'tutorials'/f'{t}.html').exists() and f'href="tutorials/{t}.html"' in index for t in tutorials)
     assert 'cdn.plot.ly' not in (site/'04_evaluate.html').read_text() and (site/'_static'/'plotly.min.js').exists()
 
 

@@ -8,6 +8,7 @@ from conftest import ROOT
 
 BIN = Path(sys.executable).parent
 NBS = sorted(p.name for p in (ROOT/'nbs').glob('*.ipynb'))
+TUTORIALS = sorted(p.name for p in (ROOT/'nbs'/'tutorials').glob('*.ipynb'))
 
 
 def _copy_project(dest):
@@ -18,7 +19,7 @@ def _copy_project(dest):
 def test_notebooks_are_clean(tmp_path):
     _copy_project(tmp_path)
     subprocess.run([BIN/'nbdev-clean'], cwd=tmp_path, check=True, capture_output=True)
-    changed = [n for n in NBS if not filecmp.cmp(ROOT/'nbs'/n, tmp_path/'nbs'/n, shallow=False)]
+    changed = [n for n in NBS + [f'tutorials/{t}' for t in TUTORIALS] if not filecmp.cmp(ROOT/'nbs'/n, tmp_path/'nbs'/n, shallow=False)]
     assert not changed, f'nbdev-clean would change {changed}: run nbdev-clean and commit'
 
 
@@ -37,8 +38,9 @@ def test_readme_is_generated_from_index():
     assert r.stdout == (ROOT/'README.md').read_text(), 'README.md is out of date: regenerate it from nbs/index.ipynb'
 
 
-@pytest.mark.parametrize('nb', NBS)
+@pytest.mark.parametrize('nb', NBS + TUTORIALS)
 def test_notebook_runs(nb, tmp_path):
+    "Each notebook, module or tutorial (nbs/tutorials/, found by its file name), runs top to bottom under nbdev-test."
     env = {k: v for k, v in __import__('os').environ.items() if not k.startswith('BIOVIS_')}
     env['BIOVIS_HOME'] = str(tmp_path)
     r = subprocess.run([BIN/'nbdev-test', '--file-glob', nb, '--do-print'], cwd=ROOT, capture_output=True, text=True,
