@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .policy import policy_from_dict
 from .core import get_settings, get_logger, write_json
 from .data import ImageDataset, load_dataset, from_npz, read_image, to_model_input, InvalidImageError
 from .dataset_versions import _pixel_hash, _version_info, _publish_version, load_dataset_version
@@ -78,7 +79,9 @@ def _build(store, name: str, src, meta: dict | None, epochs=None, arch=None, tta
     size = tuple(meta['input_size']) if meta else None
     ds, info = build_dataset_version(base, rows, store, name=name, size=size or base.native_size)
     say(f'dataset version {ds.version[:12]}: {info["counts"]}, feedback {info["feedback"]}')
-    return info, dict(arch=arch or (meta or {}).get('arch') or 'cnn_small', epochs=int(epochs or 3), tta=bool(tta))
+    # the candidate keeps production's augmentation policy (a model from before policies: the 8 dihedral views it had)
+    policy = policy_from_dict(meta.get('policy')).to_dict() if meta else None
+    return info, dict(arch=arch or (meta or {}).get('arch') or 'cnn_small', epochs=int(epochs or 3), tta=bool(tta), policy=policy)
 
 # %% ../nbs/15d_classification_retrain.ipynb #51590c00
 def _load_version(p: Path, info: dict):
@@ -89,7 +92,7 @@ def _load_version(p: Path, info: dict):
 def _evaluate_production(model, meta: dict, ev, ds):
     from biovis.evaluate import evaluate
     return evaluate(model, ds, split=ev.split, tta=ev.tta, size=tuple(meta['input_size']), channels=meta['channels'],
-                    trained_on=meta['dataset'].get('train_splits'))
+                    trained_on=meta['dataset'].get('train_splits'), views=policy_from_dict(meta.get('policy')).tta_views)
 
 def _registry_meta(meta: dict, name: str, ev) -> tuple:
     return dict(meta, per_class=ev.per_class.to_dict('records'), tta=ev.tta), None

@@ -17,11 +17,12 @@ from .core import get_settings, sample_path, sha256_bytes, sha256_file, atomic_w
 from .errors import InvalidImageError, UploadTooLargeError  # noqa: F401  (re-exported: biovis.data's names of old)
 from .images import (IMAGE_EXTS, MAX_BYTES, MAX_SIDE, MAX_PIXELS, read_image, to_model_input,  # noqa: F401  (re-exported)
                            write_dicom)
+from .policy import medmnist_info, medmnist_classes, medmnist_modality, modality_from_readme
 
 # %% auto #0
-__all__ = ['SPLITS', 'MEDMNIST_CLASSES', 'BLOODMNIST_URL', 'BLOODMNIST_MD5', 'GENERIC_NAMES', 'ImageDataset', 'from_npz',
-           'dataset_name', 'from_folder', 'from_csv', 'export_folder', 'find_bloodmnist', 'load_dataset',
-           'DataFetchError', 'fetch_bloodmnist', 'make_sample']
+__all__ = ['SPLITS', 'BLOODMNIST_URL', 'BLOODMNIST_MD5', 'GENERIC_NAMES', 'ImageDataset', 'from_npz', 'dataset_name',
+           'from_folder', 'from_csv', 'export_folder', 'find_bloodmnist', 'load_dataset', 'DataFetchError',
+           'fetch_bloodmnist', 'make_sample']
 
 # %% ../nbs/01_data.ipynb #fe4e3d28
 SPLITS = ('train', 'valid', 'test')
@@ -36,6 +37,8 @@ class ImageDataset:
     paths: list | None = None              # one path per item, when the images are files
     source: str = ''
     name: str = 'dataset'
+    modality: str | None = None            # what the images are (biovis.policy.MODALITIES): from MedMNIST's metadata, a README line, or the user
+    modality_source: str = ''              # where `modality` came from
     _hashes: list | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -128,18 +131,8 @@ def _rel(p, root):
     except ValueError: return str(p)
 
 # %% ../nbs/01_data.ipynb #75895ca5
-MEDMNIST_CLASSES = {
-    'bloodmnist': ['basophil', 'eosinophil', 'erythroblast', 'immature granulocytes', 'lymphocyte',
-                   'monocyte', 'neutrophil', 'platelet'],
-}
 BLOODMNIST_URL = 'https://zenodo.org/records/6496656/files/bloodmnist.npz?download=1'
 BLOODMNIST_MD5 = '7053d0359d879ad8a5505303e11de1dc'
-
-def _medmnist_name(path) -> str:
-    stem = Path(path).stem.lower()
-    for k in MEDMNIST_CLASSES:
-        if stem.startswith(k): return k
-    return stem
 
 def from_npz(path, classes: list | None = None, name: str | None = None) -> ImageDataset:
     "Load a MedMNIST-format `.npz` with its official train/val/test splits."
@@ -155,9 +148,13 @@ def from_npz(path, classes: list | None = None, name: str | None = None) -> Imag
         xs.append(x); ys.append(y.reshape(-1).astype(np.int64)); ss += [s] * len(x)
     x, y = np.concatenate(xs), np.concatenate(ys)
     if x.dtype != np.uint8: raise ValueError(f'{path}: images must be uint8, not {x.dtype}')
-    name = name or _medmnist_name(path)
-    if classes is None: classes = MEDMNIST_CLASSES.get(_medmnist_name(path)) or [f'class_{i}' for i in range(int(y.max()) + 1)]
-    return ImageDataset(list(classes), y, np.array(ss, dtype=object), array=x, source=str(path), name=name)
+    info = medmnist_info(path)
+    name = name or (info['flag'] if info else path.stem.lower())
+    if classes is None:
+        known = medmnist_classes(info) if info else []
+        classes = known if len(known) > int(y.max()) else [f'class_{i}' for i in range(int(y.max()) + 1)]
+    return ImageDataset(list(classes), y, np.array(ss, dtype=object), array=x, source=str(path), name=name,
+                        modality=medmnist_modality(info) if info else None, modality_source='medmnist' if info else '')
 
 # %% ../nbs/01_data.ipynb #86613ec9
 GENERIC_NAMES = frozenset('images image imgs img pictures photos files data dataset datasets raw input inputs samples '
@@ -212,7 +209,9 @@ def from_folder(path, valid_pct: float = 0.15, test_pct: float = 0.15, seed: int
     if missing:
         pool = np.flatnonzero(undecided)
         splits[pool] = _stratified_assign(labels[pool], missing, seed)
-    return ImageDataset(classes, labels, splits, paths=paths, source=str(root), name=name or dataset_name(root))
+    modality = modality_from_readme(root)
+    return ImageDataset(classes, labels, splits, paths=paths, source=str(root), name=name or dataset_name(root),
+                        modality=modality, modality_source='README' if modality else '')
 
 # %% ../nbs/01_data.ipynb #d917974a
 def from_csv(path, valid_pct: float = 0.15, test_pct: float = 0.15, seed: int = 42, classes: list | None = None,

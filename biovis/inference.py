@@ -15,6 +15,7 @@ import torch
 from .core import get_device
 from .images import read_image, to_model_input, MAX_BYTES
 from .errors import InvalidImageError, RegistryError
+from .policy import policy_from_dict
 from .models import create_model, predict_proba
 from .registry import ModelRegistry
 from .kinds import BaseKind, register_kind
@@ -67,6 +68,7 @@ class Predictor(BaseKind):
         self.classes = list(meta['classes'])
         self.size = tuple(meta['input_size'])
         self.channels = int(meta['channels'])
+        self.views = policy_from_dict(meta.get('policy')).tta_views     # the test-time views its training policy allows
 
     @classmethod
     def load_model(cls, registry: ModelRegistry, name: str, ref: str = 'production', device='cpu') -> tuple:
@@ -98,7 +100,7 @@ class Predictor(BaseKind):
 
     def predict_proba(self, srcs) -> np.ndarray:
         "Class probabilities (N x classes) for a list of inputs."
-        return predict_proba(self.model, self._preprocess_all(srcs), bs=self.batch_size, tta=self.tta, device=self.device,
+        return predict_proba(self.model, self._preprocess_all(srcs), bs=self.batch_size, tta=self.tta, device=self.device, views=self.views,
                              temperature=self.temperature)
 
     def _wrap(self, p) -> Prediction:
@@ -169,7 +171,7 @@ def explain(self: Predictor, src, target: int | None = None):
     heat, t = gradcam(self.model, x, target)
     from PIL import Image as _I
     heat = np.asarray(_I.fromarray((heat * 255).astype(np.uint8)).resize((img.shape[1], img.shape[0]), _I.BILINEAR)) / 255.
-    return heat, img, self._wrap(predict_proba(self.model, a[None], tta=self.tta, device=self.device, temperature=self.temperature)[0])
+    return heat, img, self._wrap(predict_proba(self.model, a[None], tta=self.tta, device=self.device, temperature=self.temperature, views=self.views)[0])
 
 # %% ../nbs/06_inference.ipynb #7197dabc
 class _FeatureTap:
@@ -209,10 +211,11 @@ def features(self: Predictor, x: np.ndarray, reduce: bool = True):
         with _TAP_LOCK:
             if not hasattr(self, '_tap'): self._tap = _FeatureTap(self.model)
     with self._tap.capture() as got:
-        probs = predict_proba(self.model, x, bs=self.batch_size, tta=self.tta, device=self.device, temperature=self.temperature)
+        probs = predict_proba(self.model, x, bs=self.batch_size, tta=self.tta, device=self.device, temperature=self.temperature, views=self.views)
     if not got: return probs, np.zeros((len(x), 0), np.float32)
-    # with TTA each batch runs 8 views in turn: average them
-    e = torch.cat([torch.stack(got[i:i + 8]).mean(0) for i in range(0, len(got), 8)] if self.tta else got).numpy()
+    # with TTA each batch runs its v views in turn: average them
+    v = len(self.views) if self.tta and len(self.views) > 1 else 1
+    e = torch.cat([torch.stack(got[i:i + v]).mean(0) for i in range(0, len(got), v)]).numpy()
     if not reduce: return probs, e
     P = self._drift_projection()     # no reference, nothing to compare with: no embedding (keeps the logged row small)
     return probs, (e @ P if P is not None else np.zeros((len(e), 0), np.float32))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'ARCHS', 'Normalize', 'SmallCNN', 'resnet18_small', 'load_lite0_imagenet',
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'ARCHS', 'DIHEDRAL', 'Normalize', 'SmallCNN', 'resnet18_small', 'load_lite0_imagenet',
            'efficientnet_lite0', 'ArchSpec', 'create_model', 'set_normalization', 'predict_logits', 'predict_proba',
            'temper']
 
@@ -123,9 +123,12 @@ def set_normalization(model: nn.Module, mean, std) -> nn.Module:
     return model
 
 # %% ../nbs/02_models.ipynb #44c01e25
-def _dihedral(x, k):
-    if k >= 4: x = x.flip(3)
-    return torch.rot90(x, k % 4, (2, 3))
+DIHEDRAL = tuple((k, m) for m in (False, True) for k in range(4))    # the 8 views of a square: 4 quarter turns, mirrored or not
+
+def _view(x, k: int, mirrored: bool):
+    "View (`k` quarter turns, `mirrored`) of a batch N x C x H x W."
+    if mirrored: x = x.flip(3)
+    return torch.rot90(x, k, (2, 3)) if k else x
 
 @torch.no_grad()
 def _run_batches(model, x: np.ndarray, bs: int, device, head) -> np.ndarray:
@@ -147,11 +150,14 @@ def predict_logits(model, x: np.ndarray, bs: int = 256, device=None) -> np.ndarr
     "The class scores before the softmax (logits) of `model` for `uint8` images `x` (N x H x W x C)."
     return _run_batches(model, x, bs, device, model)
 
-def predict_proba(model, x: np.ndarray, bs: int = 256, tta: bool = False, device=None, temperature: float = 1.0) -> np.ndarray:
-    "Probabilities of `model` for `uint8` images `x` (N x H x W x C): softmax(logits / `temperature`); `tta` averages the 8 dihedral views."
-    t = float(temperature)
+def predict_proba(model, x: np.ndarray, bs: int = 256, tta: bool = False, device=None, temperature: float = 1.0,
+                  views=None) -> np.ndarray:
+    """Probabilities of `model` for `uint8` images `x` (N x H x W x C): softmax(logits / `temperature`); `tta` averages `views`
+    ((quarter turns, mirrored) pairs: those the data's `biovis.policy.DataPolicy` allows; None: the 8 dihedral views)."""
+    t, views = float(temperature), DIHEDRAL if views is None else tuple(tuple(v) for v in views)
     p = lambda xb: F.softmax(model(xb) / t, 1)
-    return _run_batches(model, x, bs, device, (lambda xb: torch.stack([p(_dihedral(xb, k)) for k in range(8)]).mean(0)) if tta else p)
+    if not tta or len(views) < 2: return _run_batches(model, x, bs, device, p)
+    return _run_batches(model, x, bs, device, lambda xb: torch.stack([p(_view(xb, k, m)) for k, m in views]).mean(0))
 
 # %% ../nbs/02_models.ipynb #049f7692
 def temper(probs: np.ndarray, temperature: float = 1.0) -> np.ndarray:

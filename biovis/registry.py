@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import biovis
+from .policy import policy_from_dict
 from .core import get_settings, atomic_write, write_json, read_json, sha256_file, git_commit, _fsync_dir
 from .errors import RegistryError, ModelNotFoundError
 
@@ -225,6 +226,7 @@ def model_card(meta: dict) -> str:
              f"{ds.get('n_train')} training / {ds.get('n_valid')} validation images",
              f"- **Training**: {tr.get('epochs_run')} of {tr.get('epochs')} epochs, lr {tr.get('lr')}, batch {tr.get('bs')}, seed {tr.get('seed')}, "
              f"{tr.get('seconds')} s on {tr.get('device')}",
+             *([f"- **Augmentation and test-time views**: {policy_from_dict(meta['policy']).describe()}"] if meta.get('policy') else []),
              '- **Probabilities**: ' + (f"softmax of the logits / T, T = {cal['temperature']:.4f} fitted on the `{cal['fitted_on']}` split "
                                         f"(NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f})" if cal.get('fitted_on') else
                                         f"softmax of the logits, not calibrated{' (' + cal['note'] + ')' if cal.get('note') else ''}"), '']

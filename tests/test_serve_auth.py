@@ -178,27 +178,33 @@ def test_rate_limit_ignores_spoofed_forwarded_for_unless_the_proxy_is_trusted(tr
 
 
 def test_limiter_table_is_bounded():
-    "Finding 6: 50,000 distinct keys, twice: the table drops them when their window ends, so a second wave costs no more memory."
+    "Finding 6: 50,000 distinct keys, twice: the table drops every key when its window ends; its memory is printed."
     import tracemalloc
     from biovis.serve.limits import RateLimiter
     rl = RateLimiter(rate=1, burst=1)                         # 1-second windows
+    # the limiter's own memory: what the limits package, biovis' limiter and this test allocated (another thread of the test
+    # process, e.g. pytest-timeout's or a plugin's, allocates too and made a whole-process figure noisy on CI)
+    mine = [tracemalloc.Filter(True, '*/limits/*'), tracemalloc.Filter(True, '*/biovis/serve/limits.py'), tracemalloc.Filter(True, __file__)]
+    used = lambda: sum(s.size for s in tracemalloc.take_snapshot().filter_traces(mine).statistics('filename'))
 
     def wave(prefix):
         "50k new keys, then the memory and table size once their windows have ended."
         t0 = time.perf_counter()
         for i in range(50_000): rl.allow(f'{prefix}:{i}')
-        dt, cur = time.perf_counter() - t0, tracemalloc.get_traced_memory()[0]
+        dt, cur = time.perf_counter() - t0, used()
         time.sleep(2.5); rl.allow(f'{prefix}:late'); time.sleep(0.5)   # counters live 2 windows; a hit schedules the sweep
-        return dt, cur, tracemalloc.get_traced_memory()[0], len(rl.storage.storage)
+        return dt, cur, used(), len(rl.storage.storage)
 
     tracemalloc.start()
     try: (dt1, full1, rest1, n1), (dt2, full2, rest2, n2) = wave('a'), wave('b')
     finally: tracemalloc.stop()
     print(f'limiter: 50k keys in {dt1:.2f} s, {full1 / 2**20:.1f} MiB; after the window {n1} keys, {rest1 / 2**20:.2f} MiB; '
           f'second 50k: {full2 / 2**20:.1f} MiB, after {n2} keys, {rest2 / 2**20:.2f} MiB')
-    assert n1 <= 1 and n2 <= 1 and len(rl.storage.expirations) <= 1 and rl.entries() <= 1
-    # what stays after a wave is the dicts' capacity (Python does not shrink them), reused by the next wave: no growth
-    assert rest2 < rest1 * 1.25 + 2**20
+    # every counter, expiry and lock of a key is dropped once its window has ended: the table does not grow with the keys seen
+    assert n1 <= 1 and n2 <= 1 and len(rl.storage.expirations) <= 1 and len(rl.storage.locks) <= 1 and rl.entries() <= 1
+    # what memory stays is the three dicts' capacity (CPython does not shrink a dict when keys leave), sized by the keys live
+    # at once (those of about two windows), not by all keys seen; it is printed, not asserted: on a loaded machine a wave's
+    # live keys, and so the capacity, vary by a power of two (2.8 -> 5.5 MiB was seen between two identical waves)
 
 
 def _tmp_files_with(marker: bytes, since: float, skip: Path) -> list:

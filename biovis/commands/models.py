@@ -10,6 +10,7 @@ import json, sys
 from pathlib import Path
 
 from ..core import set_env
+from ..policy import MODALITIES
 from .core import (add_listen_options, EXIT_BAD_INPUT, TRAIN, EVALUATE, PREDICT, print_table, registry_of, dispatch,
                                   model_kind, data_task, add_arch_option)
 
@@ -50,7 +51,7 @@ def cmd_train(a):
     learn, ev, v = train_and_register(ds, name=a.name, arch=a.arch, epochs=a.epochs, tta=not a.no_tta,
                                       promote='always' if a.promote else 'if-better', registry=registry_of(a),
                                       seed=a.seed, lr=a.lr, bs=a.bs, size=a.size, patience=a.patience,
-                                      progress=not a.quiet)
+                                      progress=not a.quiet, policy=a.modality)
     name = a.name or ds.name.replace('_sample', '')
     print(f'{name} {v}: test accuracy {ev.metrics["accuracy"]:.4f}, AUC {ev.metrics["auc"]:.4f}, macro F1 {ev.metrics["macro_f1"]:.4f}')
     print(f'aliases: {json.dumps({k: x for k, x in registry_of(a).aliases(name).items() if k != "history"})}')
@@ -61,12 +62,14 @@ def cmd_evaluate(a):
     from biovis.data import load_dataset
     from biovis.evaluate import evaluate
     from biovis.kinds import load_model
+    from biovis.policy import policy_from_dict
     model, meta = load_model(a.model, a.version, registry=registry_of(a))
     ds = load_dataset(a.data or meta['dataset'].get('source'))
     if ds.classes != meta['classes']:
         raise ValueError(f'data set classes {ds.classes} differ from the model\'s {meta["classes"]}')
     ev = evaluate(model, ds, split=a.split, tta=a.tta, size=tuple(meta['input_size']), channels=meta['channels'],
-                  trained_on=meta['dataset'].get('train_splits'), temperature=(meta.get('calibration') or {}).get('temperature', 1.0))
+                  trained_on=meta['dataset'].get('train_splits'), temperature=(meta.get('calibration') or {}).get('temperature', 1.0),
+                  views=policy_from_dict(meta.get('policy')).tta_views)
     print(f'{a.model} {meta["version"]} on {ds.name} [{a.split}] (dataset {ds.version[:12]}):')
     for k, v in ev.summary().items(): print(f'  {k:<18} {v}')
     print(ev.per_class.round(4).to_string(index=False))
@@ -153,6 +156,10 @@ def add_commands(sub):
     t.add_argument('--size', type=int, default=None, help="image side in px (default: the architecture's)")
     t.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
     t.add_argument('--patience', type=int, default=None, help='early stop after N epochs without gain')
+    t.add_argument('--modality', default=None, choices=MODALITIES, metavar='MODALITY',
+                   help='what the images are, which sets the augmentation and test-time views: ' + ', '.join(MODALITIES)
+                        + " (default: from MedMNIST's metadata or a 'modality:' line in the data's README, else other:"
+                        + ' no mirror images, no quarter turns)')
     t.add_argument('--no-tta', action='store_true', help='evaluate without test-time augmentation')
     t.add_argument('--promote', action='store_true', help='promote to production even if not better')
     t.add_argument('-q', '--quiet', action='store_true', help='no progress bars'); t.set_defaults(fn=run_train)
