@@ -1,5 +1,5 @@
-"Shared fixtures: a private biovis home per test, the shipped sample, a model trained once per session."
-import os, subprocess, sys
+"Shared fixtures: a private biovis home per test, the shipped sample, a model trained once per session; helpers for real servers."
+import os, subprocess, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +51,31 @@ def trained(tmp_path_factory, sample_ds):
 def predictor(trained):
     from biovis.inference import Predictor
     return Predictor.from_registry('blood', registry=trained[0], device='cpu')
+
+
+def wait_until_up(proc, url: str, log_path, what: str = 'server', timeout: float = 120, poll: float = 0.3):
+    "Wait until GET `url` answers 200; RuntimeError with the end of `log_path` if `proc` exits first, or after `timeout` s."
+    import httpx
+    t0 = time.time()
+    while True:
+        if proc.poll() is not None: raise RuntimeError(f'{what} died: {Path(log_path).read_text()[-3000:]}')
+        try:
+            if httpx.get(url, timeout=2).status_code == 200: return
+        except httpx.HTTPError: pass
+        if time.time() - t0 > timeout: raise RuntimeError(f'{what} did not start in {timeout:.0f} s')
+        time.sleep(poll)
+
+
+def stop_process(proc, log=None):
+    "Terminate `proc` (kill it if it has not exited in 10 s) and close its log file."
+    proc.terminate()
+    try: proc.wait(10)
+    except subprocess.TimeoutExpired: proc.kill()
+    if log is not None: log.close()
+
+
+def add_users(home):
+    "The clinicians ana and bo and the admin root, through the real CLI, with the passwords '<name>-secret-pw'."
+    for u, role in (('ana', 'clinician'), ('bo', 'clinician'), ('root', 'admin')):
+        run_cli('users', 'add', u, '--role', role, home=home, check=0,
+                env=dict(BIOVIS_NEW_PASSWORD=f'{u}-secret-pw', BIOVIS_DB_URL=f'sqlite:///{home}/data/biovis.db'))

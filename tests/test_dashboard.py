@@ -1,5 +1,5 @@
 "The Panel dashboard for real: `biovis dashboard --auth` on a loopback port, logged into with the store's users, fetched with httpx and rendered in headless Chromium."
-import io, json, os, socket, subprocess, time
+import io, json, os, socket, subprocess
 from pathlib import Path
 
 import httpx
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import BIOVIS, ROOT
+from conftest import BIOVIS, ROOT, wait_until_up, stop_process
 
 
 def _free_port():
@@ -48,21 +48,10 @@ def dashboard(populated):
     proc = subprocess.Popen([str(BIOVIS), 'dashboard', '--port', str(port), '--auth', '--refresh', '5'], env=env, cwd=str(home),
                             stdout=log, stderr=subprocess.STDOUT)
     url = f'http://127.0.0.1:{port}'
-    t0 = time.time()
     try:
-        while True:
-            if proc.poll() is not None: raise RuntimeError(f'dashboard died: {(home/"dashboard.log").read_text()[-3000:]}')
-            try:
-                if httpx.get(url + '/login', timeout=2).status_code == 200: break
-            except httpx.HTTPError: pass
-            if time.time() - t0 > 180: raise RuntimeError('dashboard did not start in 180 s')
-            time.sleep(0.5)
+        wait_until_up(proc, url + '/login', home/'dashboard.log', 'dashboard', timeout=180, poll=0.5)
         yield url, home
-    finally:
-        proc.terminate()
-        try: proc.wait(10)
-        except subprocess.TimeoutExpired: proc.kill()
-        log.close()
+    finally: stop_process(proc, log)
 
 
 def test_login_checks_the_store_users(dashboard):

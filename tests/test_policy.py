@@ -1,7 +1,5 @@
 """Issue 14: augmentation and test-time views follow what the images are. A mirror image that changes the label is
 never used on anatomy; MedMNIST sets are known from medmnist.INFO; a data set's README or --modality says the rest."""
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest

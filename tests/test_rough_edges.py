@@ -1,16 +1,15 @@
 """Issue 18's rough edges a newcomer hits: the UI tables' headers before the first upload, a Grad-CAM panel one can read
 (colour map, opacity slider, beside the image, enlarged), and a folder data set named after something meaningful.
 The UI is checked on a real `biovis serve` on a loopback port, in headless Chromium."""
-import io, os, socket, sqlite3, subprocess, time
+import io, os, socket, sqlite3, subprocess
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import BIOVIS, run_cli
+from conftest import BIOVIS, run_cli, wait_until_up, stop_process
 
 CHROMIUM = Path('/usr/bin/chromium')
 ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking']
@@ -31,21 +30,11 @@ def ui_server(trained, tmp_path_factory):
     log = open(home/'server.log', 'w')
     proc = subprocess.Popen([str(BIOVIS), 'serve', '--port', str(port)], env=env, cwd=str(home), stdout=log,
                             stderr=subprocess.STDOUT)
-    url, t0 = f'http://127.0.0.1:{port}', time.time()
+    url = f'http://127.0.0.1:{port}'
     try:
-        while True:
-            if proc.poll() is not None: raise RuntimeError(f'server died: {(home/"server.log").read_text()[-3000:]}')
-            try:
-                if httpx.get(url + '/ping', timeout=2).status_code == 200: break
-            except httpx.HTTPError: pass
-            if time.time() - t0 > 120: raise RuntimeError('server did not start in 120 s')
-            time.sleep(0.3)
+        wait_until_up(proc, url + '/ping', home/'server.log')
         yield url, home
-    finally:
-        proc.terminate()
-        try: proc.wait(10)
-        except subprocess.TimeoutExpired: proc.kill()
-        log.close()
+    finally: stop_process(proc, log)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import BIOVIS, ROOT, SHARED_DATA, run_cli
+from conftest import BIOVIS, ROOT, SHARED_DATA, run_cli, add_users
 
 
 def _free_port():
@@ -222,10 +222,7 @@ def test_rate_limit_answers_429(trained, tmp_path, cells):
 
 
 def test_auth_roles_against_each_endpoint(trained, tmp_path, cells):
-    env = {k: v for k, v in os.environ.items() if not k.startswith('BIOVIS_')}
-    for u, role in (('ana', 'clinician'), ('bo', 'clinician'), ('root', 'admin')):
-        run_cli('users', 'add', u, '--role', role, home=tmp_path, check=0,
-                env=dict(BIOVIS_NEW_PASSWORD=f'{u}-secret-pw', BIOVIS_DB_URL=f'sqlite:///{tmp_path}/data/biovis.db'))
+    add_users(tmp_path)
     s = Server(tmp_path, trained[0].root, args=['--auth'])
     try:
         c = httpx.Client(base_url=s.url, timeout=30)

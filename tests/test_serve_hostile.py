@@ -3,13 +3,12 @@ with a 4xx and a JSON error code, nothing stored, the server alive and `/ping` a
 outside BIOVIS_HOME. Plus the two behaviours that need timing to show: a pixel-dense upload does not hold the event loop,
 and one request cannot make the server decode more than its budget."""
 import threading, time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import add_users
 from test_serve import Server
 
 
@@ -90,9 +89,7 @@ def test_nothing_written_outside_biovis_home(hostile):
 
 def test_a_clinician_cannot_correct_another_clinicians_prediction(trained, tmp_path):
     "Finding 4 of issue 13: REST /feedback and /feedback/mask wrote on anyone's prediction; the owner then saw the note."
-    for u, role in (('ana', 'clinician'), ('bo', 'clinician'), ('root', 'admin')):
-        run_cli('users', 'add', u, '--role', role, home=tmp_path, check=0,
-                env=dict(BIOVIS_NEW_PASSWORD=f'{u}-secret-pw', BIOVIS_DB_URL=f'sqlite:///{tmp_path}/data/biovis.db'))
+    add_users(tmp_path)
     s = Server(tmp_path, trained[0].root, args=['--auth'])
     try:
         c = httpx.Client(base_url=s.url, timeout=30)
