@@ -214,8 +214,8 @@ def features(self: Predictor, x: np.ndarray, reduce: bool = True):
         probs = predict_proba(self.model, x, bs=self.batch_size, tta=self.tta, device=self.device, temperature=self.temperature, views=self.views)
     if not got: return probs, np.zeros((len(x), 0), np.float32)
     # with TTA each batch runs its v views in turn: average them
-    v = len(self.views) if self.tta and len(self.views) > 1 else 1
-    e = torch.cat([torch.stack(got[i:i + v]).mean(0) for i in range(0, len(got), v)]).numpy()
+    v = len(self.views) if self.tta else 1
+    e = torch.cat([torch.stack(got[i:i + v]).mean(0) for i in range(0, len(got), v)] if v > 1 else got).numpy()
     if not reduce: return probs, e
     P = self._drift_projection()     # no reference, nothing to compare with: no embedding (keeps the logged row small)
     return probs, (e @ P if P is not None else np.zeros((len(e), 0), np.float32))

@@ -154,9 +154,10 @@ def predict_proba(model, x: np.ndarray, bs: int = 256, tta: bool = False, device
                   views=None) -> np.ndarray:
     """Probabilities of `model` for `uint8` images `x` (N x H x W x C): softmax(logits / `temperature`); `tta` averages `views`
     ((quarter turns, mirrored) pairs: those the data's `biovis.policy.DataPolicy` allows; None: the 8 dihedral views)."""
-    t, views = float(temperature), DIHEDRAL if views is None else tuple(tuple(v) for v in views)
+    t = float(temperature)
     p = lambda xb: F.softmax(model(xb) / t, 1)
-    if not tta or len(views) < 2: return _run_batches(model, x, bs, device, p)
+    views = (DIHEDRAL if views is None else views) if tta else ()
+    if len(views) < 2: return _run_batches(model, x, bs, device, p)
     return _run_batches(model, x, bs, device, lambda xb: torch.stack([p(_view(xb, k, m)) for k, m in views]).mean(0))
 
 # %% ../nbs/02_models.ipynb #049f7692

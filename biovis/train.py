@@ -171,7 +171,7 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
                     metrics=[accuracy], wd=wd, path=path, model_dir='.', cbs=cbs)
     log.info('training %s on %s: %d train / %d valid images at %dx%d, %d epochs on %s',
              arch, ds.name, len(dls.train.dataset), len(dls.valid.dataset), *size, epochs, device)
-    log.info('augmentation and test-time views: %s', policy.describe() if augment else 'none')
+    log.info('augmentation and test-time views: %s%s', policy.describe(), '' if augment else ' (augmentation off: test-time views only)')
     t0 = time.perf_counter()
     try:
         if progress: learn.fit_one_cycle(epochs, lr)
