@@ -27,8 +27,10 @@ setup(
     packages=find_packages(include=['biovis', 'biovis.*']),
     include_package_data=True,
     install_requires=cfg['requirements'].split(),
-    extras_require={'dev': cfg['dev_requirements'].split() + cfg['keras_requirements'].split() + cfg['onnx_requirements'].split(),
-                    'keras': cfg['keras_requirements'].split(), 'onnx': cfg['onnx_requirements'].split()},
+    extras_require={'dev': cfg['dev_requirements'].split() + cfg['keras_requirements'].split() + cfg['onnx_requirements'].split()
+                           + cfg['postgres_requirements'].split(),
+                    'keras': cfg['keras_requirements'].split(), 'onnx': cfg['onnx_requirements'].split(),
+                    'postgres': cfg['postgres_requirements'].split()},
     entry_points={'console_scripts': cfg['console_scripts'].split(),
                   'nbdev': ['biovis=biovis._modidx:d'],
                   'biovis.kinds': cfg['kinds'].split(),

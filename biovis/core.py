@@ -64,6 +64,7 @@ class Settings:
     fb_thresh: int = 100                  # new feedback rows that trigger a retrain
     promotion_margin: float = 0.01        # a candidate is promoted unless worse than production by more than this
     db_url: str | None = None             # None: the SQLite file <home>/data/biovis.db
+    uploads_dir: Path | None = None       # None: <home>/data/uploads; several hosts share one folder
     max_upload_mb: int = 20
     max_pixels: int = 64 * 2**20          # 64 Mpx; PIL's own bomb check fires at 2 x 89 Mpx
     max_side: int = 16384
@@ -83,6 +84,7 @@ class Settings:
     decode_threads: int = 2               # threads that decode uploads off the event loop
     torch_threads: int = 1
     serve_models: tuple = ()
+    prometheus_url: str | None = None     # the Prometheus that scrapes the hosts (the dashboard's Operations card); None: no card
     wandb_project: str = 'biovis'
     wandb_entity: str | None = None
     wandb_mode: str = 'offline'           # 'online' when a W&B API key is configured
@@ -91,6 +93,8 @@ class Settings:
     def max_upload_bytes(self) -> int: return int(self.max_upload_mb * 2**20)
     @property
     def database_url(self) -> str: return self.db_url or f"sqlite:///{self.home/'data'/'biovis.db'}"
+    @property
+    def uploads_path(self) -> Path: return self.uploads_dir or self.home/'data'/'uploads'
     def as_dict(self): return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != 'secret'}
 
 # %% ../nbs/00_core.ipynb #fd814e03
@@ -105,7 +109,8 @@ def get_settings(**overrides) -> Settings:
               seed=int(e('BIOVIS_SEED') or 42), device=e('BIOVIS_DEVICE') or None, log_level=e('BIOVIS_LOG_LEVEL') or 'INFO',
               fb_thresh=int(e('BIOVIS_FB_THRESH') or Settings.fb_thresh),
               promotion_margin=float(e('BIOVIS_PROMOTION_MARGIN') or Settings.promotion_margin),
-              db_url=e('BIOVIS_DB_URL') or None,
+              db_url=e('BIOVIS_DB_URL') or None, 
+              uploads_dir=Path(e('BIOVIS_UPLOADS')).expanduser() if e('BIOVIS_UPLOADS') else None,
               max_upload_mb=float(e('BIOVIS_MAX_UPLOAD_MB') or Settings.max_upload_mb),
               max_pixels=int(e('BIOVIS_MAX_PIXELS') or Settings.max_pixels), max_side=int(e('BIOVIS_MAX_SIDE') or Settings.max_side),
               rate_limit=float(e('BIOVIS_RATE_LIMIT') or Settings.rate_limit), rate_burst=int(e('BIOVIS_RATE_BURST') or Settings.rate_burst),
@@ -121,6 +126,7 @@ def get_settings(**overrides) -> Settings:
               decode_threads=int(e('BIOVIS_DECODE_THREADS') or Settings.decode_threads),
               torch_threads=int(e('BIOVIS_TORCH_THREADS') or Settings.torch_threads),
               serve_models=tuple(n for n in (e('BIOVIS_SERVE_MODELS') or '').split(',') if n),
+              prometheus_url=(e('BIOVIS_PROMETHEUS_URL') or '').rstrip('/') or None,
               wandb_project=e('BIOVIS_WANDB_PROJECT') or e('WANDB_PROJECT') or 'biovis',
               wandb_entity=e('BIOVIS_WANDB_ENTITY') or e('WANDB_ENTITY') or None,
               wandb_mode=e('BIOVIS_WANDB_MODE') or e('WANDB_MODE') or ('online' if e('WANDB_API_KEY') else 'offline'))

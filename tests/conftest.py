@@ -79,3 +79,74 @@ def add_users(home):
     for u, role in (('ana', 'clinician'), ('bo', 'clinician'), ('root', 'admin')):
         run_cli('users', 'add', u, '--role', role, home=home, check=0,
                 env=dict(BIOVIS_NEW_PASSWORD=f'{u}-secret-pw', BIOVIS_DB_URL=f'sqlite:///{home}/data/biovis.db'))
+
+
+# --- a real PostgreSQL server -------------------------------------------------------------------------------
+
+def free_port() -> int:
+    "A TCP port free on 127.0.0.1 now."
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+class PgServer:
+    """A throw-away PostgreSQL cluster (Debian's `postgresql` package): `initdb` + `pg_ctl` in a temp folder, as an
+    unprivileged user (PostgreSQL refuses to run as root), listening on a free loopback port, trust auth for `biovis`."""
+    def __init__(self):
+        import pwd, shutil, tempfile
+        bins = sorted(Path('/usr/lib/postgresql').glob('*/bin/initdb')) or [Path(p) for p in [shutil.which('initdb')] if p]
+        if not bins: pytest.skip('PostgreSQL is not installed (apt-get install postgresql)')
+        self.bin = bins[-1].parent
+        self.dir = Path(tempfile.mkdtemp(prefix='biovis-pg-'))
+        self.as_user = []
+        if os.geteuid() == 0:           # run the server as the package's `postgres` user (or nobody)
+            user = next((u for u in ('postgres', 'nobody') if _has_user(u)), None)
+            pw = pwd.getpwnam(user)
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            self.as_user = ['runuser', '-u', user, '--']
+        self.port, self.data = free_port(), self.dir/'data'
+        self._pg('initdb', '-D', self.data, '-U', 'biovis', '--auth=trust', '-E', 'UTF8', '--no-sync')
+        self._pg('pg_ctl', '-D', self.data, '-l', self.dir/'log', '-w', '-t', '60', '-o',
+                 f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{self.dir}' -c max_connections=200",
+                 'start')
+        self._n = 0
+
+    def _pg(self, tool, *args):
+        r = subprocess.run([*self.as_user, str(self.bin/tool), *map(str, args)], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            log = (self.dir/'log').read_text()[-2000:] if (self.dir/'log').exists() else ''
+            raise RuntimeError(f'{tool} failed ({r.returncode}): {r.stderr[-2000:]}{log}')
+        return r
+
+    def url(self, db: str = 'postgres') -> str:
+        return f'postgresql+psycopg://biovis@127.0.0.1:{self.port}/{db}'
+
+    def new_database(self) -> str:
+        "A fresh, empty database; returns its SQLAlchemy URL."
+        import psycopg
+        self._n += 1
+        name = f't{os.getpid()}_{self._n}'
+        with psycopg.connect(f'host=127.0.0.1 port={self.port} user=biovis dbname=postgres', autocommit=True) as c:
+            c.execute(f'CREATE DATABASE {name}')
+        return self.url(name)
+
+    def stop(self):
+        import shutil
+        try: self._pg('pg_ctl', '-D', self.data, '-m', 'fast', '-w', 'stop')
+        except Exception: pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _has_user(name):
+    import pwd
+    try: pwd.getpwnam(name); return True
+    except KeyError: return False
+
+
+@pytest.fixture(scope='session')
+def pg_server():
+    "One PostgreSQL server per test session (per xdist worker); each test that needs one makes its own database on it."
+    srv = PgServer()
+    yield srv
+    srv.stop()

@@ -1,10 +1,13 @@
 "biovis.feedback: predictions, feedback, users; safe under threads, processes, kill -9, bad input and a full disk."
-import errno, io, json, os, signal, sqlite3, subprocess, sys, textwrap, threading, time
+import contextlib, errno, io, json, os, signal, subprocess, sys, textwrap, threading, time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy import create_engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import NullPool
 
 from biovis.data import InvalidImageError
 from biovis.feedback import (FeedbackStore, FeedbackError, UnknownPredictionError, FeedbackPermissionError,
@@ -27,27 +30,56 @@ def noise_png(side=256, seed=0):
     buf = io.BytesIO(); Image.fromarray(a).save(buf, 'PNG'); return buf.getvalue()
 
 
+@pytest.fixture(params=['sqlite', 'postgresql'])
+def db_url(request, tmp_path):
+    "The store's database: a SQLite file, or a fresh database on a real PostgreSQL server (the same assertions on both)."
+    if request.param == 'sqlite': return f'sqlite:///{tmp_path}/fb.db'
+    return request.getfixturevalue('pg_server').new_database()
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = FeedbackStore(f'sqlite:///{tmp_path}/fb.db', uploads_dir=tmp_path/'uploads')
+def store(db_url, tmp_path):
+    s = FeedbackStore(db_url, uploads_dir=tmp_path/'uploads')
     yield s
     s.close()
 
 
+@contextlib.contextmanager
 def raw(db):
-    "An independent sqlite3 connection: the tests check the file, not the store's own view of it."
-    return sqlite3.connect(str(db), timeout=30)
+    "An independent connection (own engine, no pool): the tests check the database, not the store's own view of it."
+    eng = create_engine(db if isinstance(db, str) else f'sqlite:///{db}', poolclass=NullPool)
+    try:
+        with eng.begin() as con: yield con
+    finally: eng.dispose()
+
+
+def rows(con, sql) -> list:
+    return [tuple(r) for r in con.exec_driver_sql(sql)]
+
+
+def integrity(con) -> list:
+    """SQLite: `integrity_check` and `foreign_key_check`. PostgreSQL: amcheck's `bt_index_parent_check` of every B-tree
+    index of the store's tables (raises on a corrupt index) and the foreign keys checked by queries; [('ok',)] when sound."""
+    if con.dialect.name == 'sqlite':
+        return rows(con, 'PRAGMA integrity_check') + rows(con, 'PRAGMA foreign_key_check')
+    con.exec_driver_sql('CREATE EXTENSION IF NOT EXISTS amcheck')
+    idx = [r[0] for r in con.exec_driver_sql(
+        "SELECT c.oid::regclass::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
+        "WHERE a.amname = 'btree' AND c.relnamespace = 'public'::regnamespace")]
+    assert len(idx) >= 5, idx
+    for name in idx: con.exec_driver_sql(f"SELECT bt_index_parent_check('{name}'::regclass, true)")
+    bad_fk = rows(con, 'SELECT f.id FROM mask_feedback f LEFT JOIN predictions p ON f.prediction_id = p.id WHERE p.id IS NULL')
+    return [('ok',)] + bad_fk
 
 
 def db_report(db):
-    "integrity_check, the number of feedback rows without their prediction, and the row counts."
+    "integrity (SQLite's checks, or amcheck on PostgreSQL), the number of feedback rows without their prediction, the row counts."
     with raw(db) as con:
-        return dict(integrity=con.execute('PRAGMA integrity_check').fetchall(),
-                    fk=con.execute('PRAGMA foreign_key_check').fetchall(),
-                    orphans=con.execute('SELECT count(*) FROM feedback f LEFT JOIN predictions p ON f.prediction_id = p.id '
-                                        'WHERE p.id IS NULL').fetchone()[0],
-                    predictions=con.execute('SELECT count(*) FROM predictions').fetchone()[0],
-                    feedback=con.execute('SELECT count(*) FROM feedback').fetchone()[0])
+        return dict(integrity=integrity(con),
+                    orphans=con.exec_driver_sql('SELECT count(*) FROM feedback f LEFT JOIN predictions p ON f.prediction_id = p.id '
+                                                'WHERE p.id IS NULL').scalar(),
+                    predictions=con.exec_driver_sql('SELECT count(*) FROM predictions').scalar(),
+                    feedback=con.exec_driver_sql('SELECT count(*) FROM feedback').scalar())
 
 
 def files_under(d):
@@ -112,7 +144,7 @@ def test_log_feedback_history_rows(store):
 def test_unknown_prediction_and_wrong_label_write_nothing(store, tmp_path):
     sha = store.save_image(png())
     pid = store.log_prediction('blood', 'v1', sha, 'blast', P)
-    before = db_report(tmp_path/'fb.db')
+    before = db_report(store.url)
     with pytest.raises(UnknownPredictionError, match='no prediction'): store.add_feedback('f' * 32, 'normal')
     with pytest.raises(UnknownPredictionError): store.add_feedback("' OR 1=1 --", 'normal')
     with pytest.raises(LookupError): store.add_feedback(None, 'normal')
@@ -126,7 +158,7 @@ def test_unknown_prediction_and_wrong_label_write_nothing(store, tmp_path):
     with pytest.raises(FeedbackError, match='limit'): store.log_prediction('blood', 'v1', sha, 'blast', P, embedding=[0.0] * 5000)
     with pytest.raises(FeedbackError, match='not an image id'): store.log_prediction('blood', 'v1', '../x', 'blast', P)
     with pytest.raises(FeedbackError, match='not stored'): store.log_prediction('blood', 'v1', 'a' * 64, 'blast', P)
-    assert db_report(tmp_path/'fb.db') == before
+    assert db_report(store.url) == before
     assert before['predictions'] == 1 and before['feedback'] == 0
 
 
@@ -164,13 +196,13 @@ def test_delete_rows_file_and_permissions(store, tmp_path):
     with pytest.raises(FeedbackPermissionError, match='another user'): store.delete_prediction(a, user='bob')
     with pytest.raises(PermissionError): store.delete_prediction(a)                        # anonymous, not admin
     with pytest.raises(UnknownPredictionError): store.delete_prediction('0' * 32, is_admin=True)
-    assert db_report(tmp_path/'fb.db')['predictions'] == 3
+    assert db_report(store.url)['predictions'] == 3
     r = store.delete_prediction(a, user='ana')
     assert r == dict(prediction_id=a, feedback_deleted=2, image_removed=False)
     assert store.image_path(shared) is not None                                            # bob's still uses it
     assert store.delete_prediction(c, user='ana')['image_removed'] is True
     assert store.image_path(own) is None and not (tmp_path/'uploads'/own[:2]/f'{own}.png').exists()
-    rep = db_report(tmp_path/'fb.db')
+    rep = db_report(store.url)
     assert (rep['predictions'], rep['feedback'], rep['orphans']) == (1, 0, 0)
     assert store.delete_prediction(b, user='admin', is_admin=True)['image_removed'] is True
     assert files_under(tmp_path/'uploads') == []
@@ -189,7 +221,7 @@ def test_failed_file_removal_leaves_rows_gone_and_file_for_gc(store, tmp_path, m
     monkeypatch.setattr(Path, 'unlink', failing_unlink)
     assert store.delete_prediction(pid, user='ana')['image_removed'] is False
     monkeypatch.undo()
-    rep = db_report(tmp_path/'fb.db')
+    rep = db_report(store.url)
     assert (rep['predictions'], rep['feedback']) == (0, 0) and store.image_path(sha) is not None
     assert store.gc_images() == 0                              # young files are kept: they may be about to be logged
     assert store.gc_images(min_age=0) == 1 and store.image_path(sha) is None
@@ -250,7 +282,7 @@ def test_full_disk_real_write_failures(tmp_path):
     rep = db_report(tmp_path/'fb.db')
     assert rep['integrity'] == [('ok',)] and rep['predictions'] == 2
     with raw(tmp_path/'fb.db') as con:
-        assert sorted(r[0] for r in con.execute('SELECT label FROM predictions')) == ['blast', 'normal']
+        assert sorted(r[0] for r in rows(con, 'SELECT label FROM predictions')) == ['blast', 'normal']
     with FeedbackStore(f'sqlite:///{tmp_path}/fb.db', uploads_dir=tmp_path/'uploads') as s:
         assert s.check()['missing_images'] == []
 
@@ -267,9 +299,9 @@ def test_enospc_on_flush_leaves_nothing(store, tmp_path, monkeypatch):
     assert e.value.errno == errno.ENOSPC
     monkeypatch.undo()
     assert files_under(tmp_path/'uploads') == []
-    assert db_report(tmp_path/'fb.db')['predictions'] == 0
+    assert db_report(store.url)['predictions'] == 0
     store.log_prediction('m', 'v1', store.save_image(png(30)), 'blast', P)
-    assert db_report(tmp_path/'fb.db')['predictions'] == 1
+    assert db_report(store.url)['predictions'] == 1
 
 
 # --- concurrency -------------------------------------------------------------------------------------------
@@ -296,10 +328,10 @@ def test_threads_write_concurrently(store, tmp_path):
     assert errors == []
     all_ids = [i for l in ids for i in l]
     assert len(all_ids) == 400 and len(set(all_ids)) == 400
-    rep = db_report(tmp_path/'fb.db')
+    rep = db_report(store.url)
     assert (rep['predictions'], rep['feedback'], rep['orphans'], rep['integrity']) == (400, 400, 0, [('ok',)])
-    with raw(tmp_path/'fb.db') as con:
-        got = dict(con.execute('SELECT p.id, f.note FROM predictions p JOIN feedback f ON f.prediction_id = p.id'))
+    with raw(store.url) as con:
+        got = dict(rows(con, 'SELECT p.id, f.note FROM predictions p JOIN feedback f ON f.prediction_id = p.id'))
     assert set(got) == set(all_ids)
     assert all(got[ids[t][j]] == f'{t}-{j}' for t in range(8) for j in range(50))
     assert all(len(store.history(f'user{t}', limit=None)) == 50 for t in range(8))
@@ -311,11 +343,11 @@ from pathlib import Path
 import io
 from PIL import Image
 from biovis.feedback import FeedbackStore
-db, up, tag, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-go = Path(db).parent/'go'
-Path(db).parent.joinpath(f'ready-{tag}').touch()
+url, up, tag, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+go = Path(up).parent/'go'
+Path(up).parent.joinpath(f'ready-{tag}').touch()
 while not go.exists(): time.sleep(0.01)
-s = FeedbackStore('sqlite:///' + db, uploads_dir=up)
+s = FeedbackStore(url, uploads_dir=up)
 def png(i):
     b = io.BytesIO(); Image.new('RGB', (8, 8), (i % 256, 9, 9)).save(b, 'PNG'); return b.getvalue()
 shared = s.save_image(png(0))
@@ -329,9 +361,9 @@ while n < 0 or i < n:
 '''
 
 
-def test_processes_write_concurrently(tmp_path):
-    "3 processes create the tables and write to one fresh SQLite file at once: all rows present, integrity ok."
-    db, n = tmp_path/'fb.db', 80
+def test_processes_write_concurrently(db_url, tmp_path):
+    "3 processes create the tables and write to one fresh database at once: all rows present, integrity ok."
+    db, n = db_url, 80
     procs = [subprocess.Popen([sys.executable, '-c', WRITER, str(db), str(tmp_path/'uploads'), f'p{k}', str(n)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
              for k in range(3)]
@@ -343,18 +375,18 @@ def test_processes_write_concurrently(tmp_path):
     reported = [set(out.split()) for out, _ in outs]
     assert [len(r) for r in reported] == [n] * 3
     rep = db_report(db)
-    assert (rep['integrity'], rep['fk'], rep['orphans'], rep['predictions'], rep['feedback']) == ([('ok',)], [], 0, 3 * n, 3 * n)
+    assert (rep['integrity'], rep['orphans'], rep['predictions'], rep['feedback']) == ([('ok',)], 0, 3 * n, 3 * n)
     with raw(db) as con:
-        stored = {r[0] for r in con.execute('SELECT id FROM predictions')}
-        per_user = dict(con.execute('SELECT username, count(*) FROM predictions GROUP BY username'))
+        stored = {r[0] for r in rows(con, 'SELECT id FROM predictions')}
+        per_user = dict(rows(con, 'SELECT username, count(*) FROM predictions GROUP BY username'))
     assert stored == set().union(*reported) and per_user == {'p0': n, 'p1': n, 'p2': n}
-    with FeedbackStore(f'sqlite:///{db}', uploads_dir=tmp_path/'uploads') as s:
+    with FeedbackStore(db, uploads_dir=tmp_path/'uploads') as s:
         assert s.check() == dict(integrity='ok', orphan_feedback=[], missing_images=[])
 
 
-def test_sigkill_mid_write_leaves_a_sound_store(tmp_path):
+def test_sigkill_mid_write_leaves_a_sound_store(db_url, tmp_path):
     "A writer killed with SIGKILL in the middle of its loop: every reported commit is there, nothing is broken."
-    db = tmp_path/'fb.db'
+    db = db_url
     (tmp_path/'go').touch()
     p = subprocess.Popen([sys.executable, '-c', WRITER, str(db), str(tmp_path/'uploads'), 'k', '-1'],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
@@ -368,13 +400,13 @@ def test_sigkill_mid_write_leaves_a_sound_store(tmp_path):
         p.send_signal(signal.SIGKILL); p.wait(timeout=30)
     assert p.returncode == -signal.SIGKILL
     rep = db_report(db)
-    assert rep['integrity'] == [('ok',)] and rep['fk'] == [] and rep['orphans'] == 0
+    assert rep['integrity'] == [('ok',)] and rep['orphans'] == 0
     with raw(db) as con:
-        stored = {r[0] for r in con.execute('SELECT id FROM predictions')}
-        with_fb = {r[0] for r in con.execute('SELECT prediction_id FROM feedback')}
+        stored = {r[0] for r in rows(con, 'SELECT id FROM predictions')}
+        with_fb = {r[0] for r in rows(con, 'SELECT prediction_id FROM feedback')}
     assert set(committed) <= stored and set(committed) <= with_fb      # every reported commit survived
     assert len(stored) >= len(committed)
-    with FeedbackStore(f'sqlite:///{db}', uploads_dir=tmp_path/'uploads') as s:
+    with FeedbackStore(db, uploads_dir=tmp_path/'uploads') as s:
         assert s.check()['missing_images'] == [] and s.check()['integrity'] == 'ok'
         pid = s.log_prediction('blood', 'v1', s.save_image(png(99)), 'blast', P)   # and it goes on working
         s.add_feedback(pid, 'normal')
@@ -391,8 +423,9 @@ def test_store_used_after_fork(store, tmp_path):
         code = 1
         try:
             ok = store.engine.pool is not parent_pool                  # none of the parent's SQLite connections
-            with store.engine.connect() as c:
-                ok = ok and c.exec_driver_sql('PRAGMA foreign_keys').scalar() == 1
+            with store.engine.connect() as c:        # SQLite: the same pragmas; PostgreSQL: a connection of its own
+                q = 'PRAGMA foreign_keys' if store.is_sqlite else 'SELECT count(*) FROM pg_stat_activity WHERE pid = pg_backend_pid()'
+                ok = ok and c.exec_driver_sql(q).scalar() == 1
             store.add_feedback(store.log_prediction('blood', 'v1', sha, 'blast', P, user='child'), 'normal')
             code = 0 if ok else 2
         finally: os._exit(code)
@@ -400,7 +433,7 @@ def test_store_used_after_fork(store, tmp_path):
     assert os.waitstatus_to_exitcode(status) == 0
     assert store.engine.pool is parent_pool
     assert [r['user'] for r in store.history()] == ['child', 'parent']      # the parent's pool still works too
-    assert db_report(tmp_path/'fb.db')['feedback'] == 1
+    assert db_report(store.url)['feedback'] == 1
 
 
 # --- users ---------------------------------------------------------------------------------------------------
@@ -414,14 +447,14 @@ def test_users_argon2(store, tmp_path):
     assert store.verify_user('ana', 'staple battery horse') is None
     assert store.verify_user('nobody', 'correct horse battery') is None
     assert store.verify_user('ana', None) is None
-    with raw(tmp_path/'fb.db') as con: hashes = dict(con.execute('SELECT username, password_hash FROM users'))
+    with raw(store.url) as con: hashes = dict(rows(con, 'SELECT username, password_hash FROM users'))
     assert all(h.startswith('$argon2id$') for h in hashes.values())
     assert 'correct horse' not in hashes['ana'] and hashes['ana'] != hashes['root.admin']
     with pytest.raises(FeedbackError, match='exists'): store.add_user('ana', 'another password')
     with pytest.raises(FeedbackError, match='role'): store.add_user('eve', 'long enough pw', role='superuser')
     with pytest.raises(FeedbackError, match='at least'): store.add_user('eve', 'short')
     with pytest.raises(FeedbackError, match='invalid username'): store.add_user('../eve', 'long enough pw')
-    with raw(tmp_path/'fb.db') as con:
-        assert con.execute('SELECT count(*) FROM users').fetchone()[0] == 2
-        with pytest.raises(sqlite3.IntegrityError):                      # the role is checked by the database too
-            con.execute("INSERT INTO users (username, password_hash, role, created) VALUES ('x', 'h', 'root', '2026-01-01')")
+    with raw(store.url) as con:
+        assert con.exec_driver_sql('SELECT count(*) FROM users').scalar() == 2
+        with pytest.raises(IntegrityError):                      # the role is checked by the database too
+            con.exec_driver_sql("INSERT INTO users (username, password_hash, role, created) VALUES ('x', 'h', 'root', '2026-01-01')")

@@ -26,11 +26,13 @@ from .db import (FeedbackError, UnknownPredictionError, FeedbackPermissionError,
 __all__ = ['FeedbackStore']
 
 # %% ../../nbs/10a_feedback.store.ipynb #5e7f7711
+_SCHEMA_LOCK = 0x62696f766973   # 'biovis': the PostgreSQL advisory lock held while the tables are created
+
 class FeedbackStore:
     "Predictions, feedback and users in a SQL database (default: SQLite under BIOVIS_HOME); images by hash on disk."
     def __init__(self, url: str | None = None, uploads_dir=None):
         self.url = url or default_db_url()
-        self.uploads_dir = Path(uploads_dir or get_settings().home/'data'/'uploads')
+        self.uploads_dir = Path(uploads_dir or get_settings().uploads_path)
         self.log = get_logger('feedback')
         self._engine, self._pid = _make_engine(self.url), os.getpid()
         # one writer at a time in this process (threads queue here, not in SQLite's sleeping busy handler);
@@ -81,9 +83,11 @@ class FeedbackStore:
                 time.sleep(min(2.0, 0.05 * 2 ** i) * (0.5 + random.random()))
 
     def _init_schema(self):
-        for i in range(3):      # several processes may create the tables at once; SQLite serialises them
+        for i in range(3):      # several processes may create the tables at once: SQLite serialises them, PostgreSQL takes a lock
             try:
-                with self.engine.execution_options(biovis_write=True).begin() as conn: Base.metadata.create_all(conn)
+                with self.engine.execution_options(biovis_write=True).begin() as conn:
+                    if conn.dialect.name == 'postgresql': conn.execute(text('SELECT pg_advisory_xact_lock(:k)'), {'k': _SCHEMA_LOCK})
+                    Base.metadata.create_all(conn)
                 return
             except DBAPIError:
                 if i == 2: raise
@@ -346,11 +350,30 @@ def gc_images(self: FeedbackStore, min_age: float = GC_MIN_AGE) -> int:
         return k
     return n + self._run(tx)
 
+_PG_INVALID_INDEXES = text(
+    "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid "
+    "WHERE t.relname = ANY(:tables) AND t.relnamespace = current_schema()::regnamespace AND NOT (i.indisvalid AND i.indisready)")
+_PG_BTREES = text(
+    "SELECT c.oid::regclass::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid "
+    "JOIN pg_am a ON a.oid = c.relam WHERE t.relname = ANY(:tables) AND t.relnamespace = current_schema()::regnamespace "
+    "AND a.amname = 'btree'")
+
+def _pg_integrity(s) -> str:
+    "PostgreSQL: 'ok', or the store's indexes that are invalid (a failed concurrent build) or that amcheck finds corrupt (when the amcheck extension is installed)."
+    tables = list(Base.metadata.tables)
+    bad = [f'invalid index {r[0]}' for r in s.execute(_PG_INVALID_INDEXES, {'tables': tables})]
+    if s.scalar(text("SELECT count(*) FROM pg_extension WHERE extname = 'amcheck'")):
+        for (ix,) in s.execute(_PG_BTREES, {'tables': tables}).all():
+            try:
+                with s.begin_nested(): s.execute(text('SELECT bt_index_check(CAST(:ix AS regclass), true)'), {'ix': ix})
+            except DBAPIError as e: bad.append(f'{ix}: {str(e.orig).splitlines()[0]}')
+    return ', '.join(bad) or 'ok'
+
 @patch
 def check(self: FeedbackStore) -> dict:
-    "Consistency report: `integrity` ('ok' or SQLite's messages), `orphan_feedback` and `missing_images` (lists of ids)."
+    "Consistency report: `integrity` ('ok', or SQLite's messages, or PostgreSQL's broken indexes), `orphan_feedback` and `missing_images` (lists of ids)."
     def tx(s):
-        integrity = ', '.join(r[0] for r in s.execute(text('PRAGMA integrity_check'))) if self.is_sqlite else 'n/a'
+        integrity = ', '.join(r[0] for r in s.execute(text('PRAGMA integrity_check'))) if self.is_sqlite else _pg_integrity(s)
         orphans = list(s.scalars(select(FeedbackRecord.id).outerjoin(PredictionRecord, FeedbackRecord.prediction_id == PredictionRecord.id)
                                  .where(PredictionRecord.id.is_(None))))
         shas = set(s.scalars(select(PredictionRecord.image_sha).distinct()))
