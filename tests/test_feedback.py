@@ -458,3 +458,43 @@ def test_users_argon2(store, tmp_path):
         assert con.exec_driver_sql('SELECT count(*) FROM users').scalar() == 2
         with pytest.raises(IntegrityError):                      # the role is checked by the database too
             con.exec_driver_sql("INSERT INTO users (username, password_hash, role, created) VALUES ('x', 'h', 'root', '2026-01-01')")
+
+
+# --- the upload store behind its interface --------------------------------------------------------------------
+
+from biovis.feedback.uploads import UploadStore, upload_store
+
+
+class DictUploads(UploadStore):
+    """A second implementation of the interface, shaped like an object store's plug-in: the bytes live in a dict (the
+    'bucket'), files exist only in a local cache made on demand. It proves the feedback store needs no folder of its own."""
+    def __init__(self, cache): self.blobs, self.cache, self.fetches = {}, Path(cache), 0
+    def put(self, sha, ext, data): self.blobs[sha] = [ext, bytes(data), time.time()]
+    def ext(self, sha): return self.blobs[sha][0] if sha in self.blobs else None
+    def read(self, sha): return self.blobs[sha][1]
+    def local_path(self, sha):
+        if sha not in self.blobs: return None
+        p = self.cache/f'{sha}.{self.blobs[sha][0]}'
+        if not p.exists(): p.parent.mkdir(parents=True, exist_ok=True); p.write_bytes(self.blobs[sha][1]); self.fetches += 1
+        return p
+    def delete(self, sha): return self.blobs.pop(sha, None) is not None
+    def sweep(self, cutoff): return 0, {s: [s] for s, (_, _, t) in self.blobs.items() if t <= cutoff}
+    def remove_if_old(self, sha, cutoff):
+        return int(sha in self.blobs and self.blobs[sha][2] <= cutoff and self.blobs.pop(sha) is not None)
+
+
+def test_store_on_another_upload_store(db_url, tmp_path):
+    "Save, log, read back, retrain's file access, delete, gc and check all go through the interface; no uploads folder is made."
+    up = DictUploads(tmp_path/'cache')
+    with FeedbackStore(db_url, uploads=up) as s:
+        a, b = s.save_image(png(60)), s.save_image(png(61))
+        pid = s.log_prediction('blood', 'v1', a, 'blast', P)
+        with pytest.raises(FeedbackError, match='not stored'): s.log_prediction('blood', 'v1', 'c' * 64, 'blast', P)
+        assert s.image_path(a).read_bytes() == png(60) and up.fetches == 1
+        assert s.has_image(b) and s.check() == dict(integrity='ok', orphan_feedback=[], missing_images=[])
+        up.blobs[b][2] = up.blobs[a][2] = time.time() - 2 * GC_MIN_AGE
+        assert s.gc_images() == 1 and set(up.blobs) == {a}                     # b was never logged; a is in use
+        assert s.delete_prediction(pid, is_admin=True)['image_removed'] is True and up.blobs == {}
+        assert s.uploads_dir is None and not (tmp_path/'uploads').exists()
+    assert type(upload_store(tmp_path/'u')).__name__ == 'LocalUploadStore'
+    with pytest.raises(ValueError, match="biovis.upload_stores"): upload_store('s3://bucket/prefix')

@@ -13,14 +13,15 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, selectinload
 from fastcore.basics import patch
 
-from ..core import get_settings, get_logger, atomic_write, sha256_bytes
+from ..core import get_settings, get_logger, sha256_bytes
 from ..errors import InvalidImageError, UploadTooLargeError
 from ..data import MAX_BYTES
 from .db import (FeedbackError, UnknownPredictionError, FeedbackPermissionError, UnknownLabelError,
-                                MAX_LABEL, MAX_NOTE, MAX_FILENAME, GC_MIN_AGE, UPLOAD_EXTS, _SHA_RE, image_format,
+                                MAX_LABEL, MAX_NOTE, MAX_FILENAME, GC_MIN_AGE, UPLOAD_EXTS, image_format,
                                 Base, PredictionRecord, FeedbackRecord, MaskFeedbackRecord, _utcnow, default_db_url, _make_engine,
                                 _writer_lock, _transient, _iso, _as_utc, _check_sha, _text, _opt_user, _finite, _check_probs,
                                 _check_embedding)
+from .uploads import UploadStore, upload_store
 
 # %% auto #0
 __all__ = ['FeedbackStore']
@@ -29,10 +30,11 @@ __all__ = ['FeedbackStore']
 _SCHEMA_LOCK = 0x62696f766973   # 'biovis': the PostgreSQL advisory lock held while the tables are created
 
 class FeedbackStore:
-    "Predictions, feedback and users in a SQL database (default: SQLite under BIOVIS_HOME); images by hash on disk."
-    def __init__(self, url: str | None = None, uploads_dir=None):
+    "Predictions, feedback and users in a SQL database (default: SQLite under BIOVIS_HOME); images by hash in an `UploadStore`."
+    def __init__(self, url: str | None = None, uploads_dir=None, uploads: UploadStore | None = None):
         self.url = url or default_db_url()
-        self.uploads_dir = Path(uploads_dir or get_settings().uploads_path)
+        self.uploads = upload_store(uploads if uploads is not None else (uploads_dir or get_settings().uploads_path))
+        self.uploads_dir = self.uploads.root          # the local folder, where the images have one
         self.log = get_logger('feedback')
         self._engine, self._pid = _make_engine(self.url), os.getpid()
         # one writer at a time in this process (threads queue here, not in SQLite's sleeping busy handler);
@@ -43,7 +45,7 @@ class FeedbackStore:
         self._init_schema()
 
     def __repr__(self):
-        return f'FeedbackStore({self._engine.url.render_as_string(hide_password=True)!r}, uploads_dir={str(self.uploads_dir)!r})'
+        return f'FeedbackStore({self._engine.url.render_as_string(hide_password=True)!r}, uploads={self.uploads!r})'
 
     @property
     def engine(self):
@@ -93,15 +95,10 @@ class FeedbackStore:
                 if i == 2: raise
                 time.sleep(0.2 * (i + 1))
 
-# %% ../../nbs/10a_feedback.store.ipynb #74e571c9
-@patch
-def _image_file(self: FeedbackStore, sha: str, ext: str) -> Path:
-    return self.uploads_dir/sha[:2]/f'{sha}.{ext}'
-
 # %% ../../nbs/10a_feedback.store.ipynb #17ffb566
 @patch
 def save_image(self: FeedbackStore, data: bytes) -> str:
-    "Store the image `data` once under its SHA-256 (atomically); returns the SHA-256."
+    "Keep the image `data` once under its SHA-256 (in the upload store, atomically); returns the SHA-256."
     if isinstance(data, (bytearray, memoryview)): data = bytes(data)
     if not isinstance(data, bytes): raise InvalidImageError(f'expected the bytes of an image, not a {type(data).__name__}')
     if not data: raise InvalidImageError('empty file: 0 bytes')
@@ -109,22 +106,18 @@ def save_image(self: FeedbackStore, data: bytes) -> str:
     ext = image_format(data)
     if ext is None: raise InvalidImageError(f'not an image: the content is none of the formats {", ".join(UPLOAD_EXTS)}')
     sha = sha256_bytes(data)
-    p = self._image_file(sha, ext)
-    try:
-        if p.stat().st_size == len(data):
-            os.utime(p); return sha
-    except FileNotFoundError: pass
-    atomic_write(p, data)
+    self.uploads.put(sha, ext, data)
     return sha
 
 @patch
 def image_path(self: FeedbackStore, sha: str) -> Path | None:
-    "The stored file of image `sha`, or None if it is not stored."
-    _check_sha(sha)
-    for ext in UPLOAD_EXTS:
-        p = self._image_file(sha, ext)
-        if p.is_file(): return p
-    return None
+    "A file on this host with the stored image `sha` (the upload store's own, or its local copy), or None if it is not stored."
+    return self.uploads.local_path(_check_sha(sha))
+
+@patch
+def has_image(self: FeedbackStore, sha: str) -> bool:
+    "Whether image `sha` is stored (without fetching it)."
+    return self.uploads.exists(_check_sha(sha))
 
 # %% ../../nbs/10a_feedback.store.ipynb #d40f86d1
 @patch
@@ -185,7 +178,7 @@ def _insert_predictions(self: FeedbackStore, rows: list) -> list:
         ok = []
         for i, r in enumerate(rows):
             self._image_lock(conn, r['image_sha'])
-            if self.image_path(r['image_sha']) is None:
+            if not self.has_image(r['image_sha']):
                 errs[i] = FeedbackError(f"image {r['image_sha'][:12]}... is not stored; save it with save_image first")
             else: errs[i] = None; ok.append(r)
         # one Core executemany of the table's cached INSERT, in a Core transaction: no ORM machinery on the hot path
@@ -300,13 +293,9 @@ def _drop_image_if_unreferenced(self: FeedbackStore, sha: str) -> bool:
     def tx(s):
         self._image_lock(s, sha)
         if s.scalar(select(PredictionRecord.id).where(PredictionRecord.image_sha == sha).limit(1)) is not None: return False
-        p = self.image_path(sha)
-        if p is None: return False
-        try: p.unlink()
-        except FileNotFoundError: return False
+        try: return self.uploads.delete(sha)
         except OSError as e:
-            self.log.warning('could not remove image %s (gc_images will retry): %s', p, e); return False
-        return True
+            self.log.warning('could not remove image %s (gc_images will retry): %s', sha, e); return False
     return self._run(tx)
 
 @patch
@@ -326,16 +315,9 @@ def delete_prediction(self: FeedbackStore, prediction_id: str, user: str | None 
 # %% ../../nbs/10a_feedback.store.ipynb #934c5513
 @patch
 def gc_images(self: FeedbackStore, min_age: float = GC_MIN_AGE) -> int:
-    "Remove unreferenced image files and stale temporary files older than `min_age` seconds; returns how many."
-    if not self.uploads_dir.is_dir(): return 0
-    cutoff, n, cand = time.time() - min_age, 0, {}
-    for p in self.uploads_dir.glob('*/*'):
-        try:
-            if not p.is_file() or p.stat().st_mtime > cutoff: continue
-        except FileNotFoundError: continue
-        if p.name.startswith('.') and p.name.endswith('.tmp'):
-            p.unlink(missing_ok=True); n += 1
-        elif _SHA_RE.fullmatch(p.stem): cand.setdefault(p.stem, []).append(p)
+    "Remove unreferenced images and stale temporary files older than `min_age` seconds; returns how many."
+    cutoff = time.time() - min_age
+    n, cand = self.uploads.sweep(cutoff)
     if not cand: return n
     def tx(s):
         k, shas = 0, list(cand)
@@ -343,10 +325,7 @@ def gc_images(self: FeedbackStore, min_age: float = GC_MIN_AGE) -> int:
             chunk = shas[i:i + 500]
             used = set(s.scalars(select(PredictionRecord.image_sha).where(PredictionRecord.image_sha.in_(chunk)).distinct()))
             used |= set(s.scalars(select(MaskFeedbackRecord.mask_sha).where(MaskFeedbackRecord.mask_sha.in_(chunk))))   # corrected masks
-            for sha in chunk:
-                if sha in used: continue
-                for p in cand[sha]:
-                    if p.stat().st_mtime <= cutoff: p.unlink(missing_ok=True); k += 1
+            k += sum(self.uploads.remove_if_old(sha, cutoff) for sha in chunk if sha not in used)
         return k
     return n + self._run(tx)
 
@@ -379,5 +358,5 @@ def check(self: FeedbackStore) -> dict:
         shas = set(s.scalars(select(PredictionRecord.image_sha).distinct()))
         return dict(integrity=integrity, orphan_feedback=orphans, shas=shas)
     r = self._run(tx, write=False)
-    r['missing_images'] = sorted(sha for sha in r.pop('shas') if self.image_path(sha) is None)
+    r['missing_images'] = sorted(sha for sha in r.pop('shas') if not self.uploads.exists(sha))
     return r
