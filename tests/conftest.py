@@ -150,3 +150,20 @@ def pg_server():
     srv = PgServer()
     yield srv
     srv.stop()
+
+
+def local_nginx_conf(d: Path, hosts: list, port: int, extra_api: str = '') -> Path:
+    """deploy/nginx/nginx.conf (what a team runs) for a test: its two hosts replaced by `hosts` ('127.0.0.1:PORT'), listening
+    on `port`, its pid, logs and temporary files in `d`; `extra_api` added to the API's location. Returns the file."""
+    import re
+    conf = (ROOT/'deploy'/'nginx'/'nginx.conf').read_text()
+    conf = conf.replace('biovis-1:7860', hosts[0]).replace('biovis-2:7860', hosts[1]).replace('listen 80;', f'listen 127.0.0.1:{port};')
+    conf = re.sub(r'^pid .*?;', f'pid {d}/nginx.pid;', conf, flags=re.M)
+    conf = conf.replace('access_log /dev/stdout;', f'access_log {d}/access.log;').replace('error_log /dev/stderr warn;', f'error_log {d}/error.log warn;')
+    (d/'tmp').mkdir(parents=True, exist_ok=True)
+    os.chmod(d/'tmp', 0o777)              # nginx's workers run as nobody when the master runs as root
+    conf = conf.replace('http {', 'http {\n' + ''.join(f'    {k}_temp_path {d}/tmp/{k};\n' for k in ('client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi')), 1)
+    if extra_api:
+        conf = conf.replace('            proxy_pass http://biovis_api;\n', f'            proxy_pass http://biovis_api;\n            {extra_api}\n', 1)
+    (d/'nginx.conf').write_text(conf)
+    return d/'nginx.conf'

@@ -498,3 +498,25 @@ def test_store_on_another_upload_store(db_url, tmp_path):
         assert s.uploads_dir is None and not (tmp_path/'uploads').exists()
     assert type(upload_store(tmp_path/'u')).__name__ == 'LocalUploadStore'
     with pytest.raises(ValueError, match="biovis.upload_stores"): upload_store('s3://bucket/prefix')
+
+
+# --- schema migrations (Alembic) ------------------------------------------------------------------------------
+
+def test_database_from_before_migrations_is_upgraded_in_place(db_url, tmp_path):
+    "A database made by create_all before migrations (no alembic_version, no 0002 index) is stamped and upgraded on open; its rows stay."
+    from datetime import datetime, timezone
+    from sqlalchemy import inspect
+    from biovis.feedback.db import Base, PredictionRecord, schema_head, schema_revision
+    with raw(db_url) as con:                       # the tables as the code before migrations made them, with a row
+        Base.metadata.create_all(con)
+        con.exec_driver_sql('DROP INDEX ix_predictions_model_version_created')
+        con.execute(PredictionRecord.__table__.insert(), [dict(id='a' * 32, created=datetime.now(timezone.utc), model='blood',
+                                                               model_version='v1', image_sha='b' * 64, label='blast', probs=P)])
+        assert schema_revision(con) is None
+    with FeedbackStore(db_url, uploads_dir=tmp_path/'u') as s:
+        assert [r['id'] for r in s.history()] == ['a' * 32]
+    with raw(db_url) as con:
+        assert schema_revision(con) == schema_head() == '0002'
+        assert 'ix_predictions_model_version_created' in {i['name'] for i in inspect(con).get_indexes('predictions')}
+    with FeedbackStore(db_url, uploads_dir=tmp_path/'u') as s:      # opened again: already at the head, nothing to do
+        assert s.count_predictions() == 1

@@ -1,5 +1,5 @@
 """Several hosts for real: two `biovis serve` processes with their own BIOVIS_HOME on their own ports, sharing one
-PostgreSQL store, one registry folder and one upload folder, behind nginx (round robin) on loopback."""
+PostgreSQL store, one registry folder and one upload folder, behind nginx on loopback with deploy/nginx/nginx.conf."""
 import io, os, shutil, signal, subprocess, threading, time
 from pathlib import Path
 
@@ -10,7 +10,7 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from conftest import BIOVIS, ROOT, free_port, run_cli, wait_until_up, stop_process
+from conftest import BIOVIS, ROOT, free_port, local_nginx_conf, run_cli, wait_until_up, stop_process
 
 NGINX = shutil.which('nginx') or '/usr/sbin/nginx'
 SECRET = 'a-shared-token-key-of-this-test-fleet-0123456789'
@@ -42,47 +42,12 @@ class Host:
     def stop(self): stop_process(self.proc, self.log)
 
 
-def nginx_conf(d: Path, port: int, hosts) -> str:
-    "The load balancer: round robin over the hosts; a POST is never re-sent to a second host once one has received it."
-    servers = '\n'.join(f'    server 127.0.0.1:{h.port} max_fails=1 fail_timeout=2s;' for h in hosts)
-    return f'''
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 512; }}
-http {{
-  access_log {d}/access.log;
-  client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy; fastcgi_temp_path {d}/tmp/fastcgi;
-  uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;
-  client_max_body_size 25m;
-  upstream biovis {{
-{servers}
-    keepalive 16;
-  }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://biovis;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $host;
-      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-      proxy_next_upstream error timeout;
-      proxy_connect_timeout 2s;
-      add_header X-Upstream $upstream_addr always;
-    }}
-  }}
-}}
-'''
-
-
 class Nginx:
     def __init__(self, d: Path, hosts):
         if not Path(NGINX).exists(): pytest.skip('nginx is not installed (apt-get install nginx)')
         self.dir, self.port = d, free_port()
-        (d/'tmp').mkdir(parents=True)
-        os.chmod(d/'tmp', 0o777)              # nginx's workers run as nobody when the master runs as root
-        (d/'nginx.conf').write_text(nginx_conf(d, self.port, hosts))
+        d.mkdir(parents=True)        # what a team runs (deploy/nginx/nginx.conf), telling which host answered
+        local_nginx_conf(d, [f'127.0.0.1:{h.port}' for h in hosts], self.port, extra_api='add_header X-Upstream $upstream_addr always;')
         self.url = f'http://127.0.0.1:{self.port}'
         self.log = open(d/'nginx.out', 'w')
         self.proc = subprocess.Popen([NGINX, '-c', str(d/'nginx.conf'), '-p', str(d), '-g', 'daemon off;'],

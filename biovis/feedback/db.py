@@ -6,13 +6,13 @@ passes before it is written. `biovis.feedback.store` builds the store on them.""
 
 # %% ../../nbs/10_feedback.db.ipynb #62de8559
 from __future__ import annotations
-import contextlib, math, os, re
+import contextlib, functools, math, os, re
 try: import fcntl
 except ImportError: fcntl = None      # Windows: SQLite's own locking alone
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy import JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, String, Text, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -23,9 +23,10 @@ from ..errors import InvalidInputError, InvalidLabelError, NotFoundError, Permis
 
 # %% auto #0
 __all__ = ['ROLES', 'MAX_LABEL', 'MAX_NOTE', 'MAX_FILENAME', 'MAX_EMBEDDING', 'MAX_CLASSES', 'MIN_PASSWORD', 'BUSY_TIMEOUT_MS',
-           'GC_MIN_AGE', 'UPLOAD_EXTS', 'FeedbackError', 'UnknownPredictionError', 'FeedbackPermissionError',
-           'UnknownLabelError', 'image_format', 'Base', 'PredictionRecord', 'FeedbackRecord', 'UserRecord',
-           'MaskFeedbackRecord', 'DriftEventRecord', 'default_db_url']
+           'GC_MIN_AGE', 'UPLOAD_EXTS', 'SCHEMA_BASELINE', 'FeedbackError', 'UnknownPredictionError',
+           'FeedbackPermissionError', 'UnknownLabelError', 'image_format', 'Base', 'PredictionRecord', 'FeedbackRecord',
+           'UserRecord', 'MaskFeedbackRecord', 'DriftEventRecord', 'default_db_url', 'schema_head', 'schema_revision',
+           'upgrade_schema']
 
 # %% ../../nbs/10_feedback.db.ipynb #da316f22
 class FeedbackError(InvalidInputError):
@@ -84,6 +85,8 @@ class Base(DeclarativeBase):
 class PredictionRecord(Base):
     "One prediction the server made: model, image (by hash), class, probabilities, who and how fast."
     __tablename__ = 'predictions'
+    # drift, the dashboard and retraining read one model version's recent predictions (migration 0002)
+    __table_args__ = (Index('ix_predictions_model_version_created', 'model', 'model_version', 'created'),)
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     created: Mapped[datetime] = mapped_column(_UTCDateTime, default=_utcnow, index=True)
     model: Mapped[str] = mapped_column(String(200))
@@ -203,6 +206,40 @@ def _writer_lock(url: str):
     db = u.database if u.get_backend_name() == 'sqlite' else None
     if not db or db == ':memory:' or db.startswith('file:') or fcntl is None: return contextlib.nullcontext()
     return _WriterLock(str(Path(db).expanduser()) + '-writer.lock')
+
+# %% ../../nbs/10_feedback.db.ipynb #5ec3e3ff
+SCHEMA_BASELINE = '0001'            # the tables as create_all made them before migrations
+_SCHEMA_LOCK = 0x62696f766973       # 'biovis': the PostgreSQL advisory lock held while the schema is upgraded
+
+def _alembic_config(conn=None):
+    from alembic.config import Config
+    cfg = Config()
+    cfg.set_main_option('script_location', 'biovis.feedback:migrations')
+    if conn is not None: cfg.attributes['connection'] = conn
+    return cfg
+
+@functools.cache
+def schema_head() -> str:
+    "The newest revision of the store's schema."
+    from alembic.script import ScriptDirectory
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+def schema_revision(conn) -> str | None:
+    "The revision of the database on `conn` (None: no `alembic_version`, i.e. empty or made before migrations)."
+    from alembic.runtime.migration import MigrationContext
+    return MigrationContext.configure(conn).get_current_revision()
+
+def upgrade_schema(conn) -> tuple:
+    """Bring the database on `conn` to the newest revision, in the caller's transaction (hold the schema lock); a database
+    made by `create_all` before migrations is stamped at the baseline first. Returns (revision before, revision now)."""
+    before, head = schema_revision(conn), schema_head()
+    if before == head: return before, head
+    from alembic import command
+    from sqlalchemy import inspect
+    cfg = _alembic_config(conn)
+    if before is None and inspect(conn).has_table('predictions'): command.stamp(cfg, SCHEMA_BASELINE)
+    command.upgrade(cfg, 'head')
+    return before, schema_revision(conn)
 
 # %% ../../nbs/10_feedback.db.ipynb #eeec66fb
 _TRANSIENT = ('database is locked', 'database is busy', 'database table is locked', 'deadlock detected',

@@ -19,7 +19,7 @@ from ..data import MAX_BYTES
 from .db import (FeedbackError, UnknownPredictionError, FeedbackPermissionError, UnknownLabelError,
                                 MAX_LABEL, MAX_NOTE, MAX_FILENAME, GC_MIN_AGE, UPLOAD_EXTS, image_format,
                                 Base, PredictionRecord, FeedbackRecord, MaskFeedbackRecord, _utcnow, default_db_url, _make_engine,
-                                _writer_lock, _transient, _iso, _as_utc, _check_sha, _text, _opt_user, _finite, _check_probs,
+                                _writer_lock, _SCHEMA_LOCK, upgrade_schema, _transient, _iso, _as_utc, _check_sha, _text, _opt_user, _finite, _check_probs,
                                 _check_embedding)
 from .uploads import UploadStore, upload_store
 
@@ -27,8 +27,6 @@ from .uploads import UploadStore, upload_store
 __all__ = ['FeedbackStore']
 
 # %% ../../nbs/10a_feedback.store.ipynb #5e7f7711
-_SCHEMA_LOCK = 0x62696f766973   # 'biovis': the PostgreSQL advisory lock held while the tables are created
-
 class FeedbackStore:
     "Predictions, feedback and users in a SQL database (default: SQLite under BIOVIS_HOME); images by hash in an `UploadStore`."
     def __init__(self, url: str | None = None, uploads_dir=None, uploads: UploadStore | None = None):
@@ -85,11 +83,11 @@ class FeedbackStore:
                 time.sleep(min(2.0, 0.05 * 2 ** i) * (0.5 + random.random()))
 
     def _init_schema(self):
-        for i in range(3):      # several processes may create the tables at once: SQLite serialises them, PostgreSQL takes a lock
+        for i in range(3):      # several processes may open a new database at once: SQLite serialises them, PostgreSQL takes a lock
             try:
                 with self.engine.execution_options(biovis_write=True).begin() as conn:
                     if conn.dialect.name == 'postgresql': conn.execute(text('SELECT pg_advisory_xact_lock(:k)'), {'k': _SCHEMA_LOCK})
-                    Base.metadata.create_all(conn)
+                    upgrade_schema(conn)      # Alembic: create, or bring to the newest revision (biovis.feedback.db)
                 return
             except DBAPIError:
                 if i == 2: raise

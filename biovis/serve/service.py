@@ -53,6 +53,7 @@ class PredictionService:
         self._settings = s                   # read once: get_settings() costs about 0.1 ms, too much for every request
         self.limiter = rate_limiter or RateLimiter(rate=0)
         self.metrics = Metrics()
+        self.metrics.watch(store, pool)      # the shared store's figures (backlog, drift, newest prediction), read when scraped
         self._shown = {}
         self._decoder = None
 
