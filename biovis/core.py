@@ -34,9 +34,9 @@ def set_env(setdefault: bool = False, **kw):
         else: os.environ[k] = str(v)
 
 # %% ../nbs/00_core.ipynb #bfaeab4f
-def child_env(**kw) -> dict:
-    "This process's environment with `kw` set (and `None` values removed): for a subprocess."
-    e = dict(os.environ)
+def child_env(_drop: str | None = None, **kw) -> dict:
+    "This process's environment without the variables whose names start with `_drop` (e.g. 'BIOVIS_'), with `kw` set (and `None` values removed): for a subprocess."
+    e = {k: v for k, v in os.environ.items() if not (_drop and k.startswith(_drop))}
     for k, v in kw.items():
         if v is None: e.pop(k, None)
         else: e[k] = str(v)

@@ -83,87 +83,11 @@ def add_users(home):
 
 # --- a real PostgreSQL server -------------------------------------------------------------------------------
 
-def free_port() -> int:
-    "A TCP port free on 127.0.0.1 now."
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
-
-class PgServer:
-    """A throw-away PostgreSQL cluster (Debian's `postgresql` package): `initdb` + `pg_ctl` in a temp folder, as an
-    unprivileged user (PostgreSQL refuses to run as root), listening on a free loopback port, trust auth for `biovis`."""
-    def __init__(self):
-        import pwd, shutil, tempfile
-        bins = sorted(Path('/usr/lib/postgresql').glob('*/bin/initdb')) or [Path(p) for p in [shutil.which('initdb')] if p]
-        if not bins: pytest.skip('PostgreSQL is not installed (apt-get install postgresql)')
-        self.bin = bins[-1].parent
-        self.dir = Path(tempfile.mkdtemp(prefix='biovis-pg-'))
-        self.as_user = []
-        if os.geteuid() == 0:           # run the server as the package's `postgres` user (or nobody)
-            user = next((u for u in ('postgres', 'nobody') if _has_user(u)), None)
-            pw = pwd.getpwnam(user)
-            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-            self.as_user = ['runuser', '-u', user, '--']
-        self.port, self.data = free_port(), self.dir/'data'
-        self._pg('initdb', '-D', self.data, '-U', 'biovis', '--auth=trust', '-E', 'UTF8', '--no-sync')
-        self._pg('pg_ctl', '-D', self.data, '-l', self.dir/'log', '-w', '-t', '60', '-o',
-                 f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{self.dir}' -c max_connections=200",
-                 'start')
-        self._n = 0
-
-    def _pg(self, tool, *args):
-        r = subprocess.run([*self.as_user, str(self.bin/tool), *map(str, args)], capture_output=True, text=True, timeout=120)
-        if r.returncode != 0:
-            log = (self.dir/'log').read_text()[-2000:] if (self.dir/'log').exists() else ''
-            raise RuntimeError(f'{tool} failed ({r.returncode}): {r.stderr[-2000:]}{log}')
-        return r
-
-    def url(self, db: str = 'postgres') -> str:
-        return f'postgresql+psycopg://biovis@127.0.0.1:{self.port}/{db}'
-
-    def new_database(self) -> str:
-        "A fresh, empty database; returns its SQLAlchemy URL."
-        import psycopg
-        self._n += 1
-        name = f't{os.getpid()}_{self._n}'
-        with psycopg.connect(f'host=127.0.0.1 port={self.port} user=biovis dbname=postgres', autocommit=True) as c:
-            c.execute(f'CREATE DATABASE {name}')
-        return self.url(name)
-
-    def stop(self):
-        import shutil
-        try: self._pg('pg_ctl', '-D', self.data, '-m', 'fast', '-w', 'stop')
-        except Exception: pass
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _has_user(name):
-    import pwd
-    try: pwd.getpwnam(name); return True
-    except KeyError: return False
-
-
 @pytest.fixture(scope='session')
 def pg_server():
     "One PostgreSQL server per test session (per xdist worker); each test that needs one makes its own database on it."
-    srv = PgServer()
+    from biovis.bench.fleet import PgCluster, pg_bin
+    if pg_bin() is None: pytest.skip('PostgreSQL is not installed (apt-get install postgresql)')
+    srv = PgCluster()
     yield srv
     srv.stop()
-
-
-def local_nginx_conf(d: Path, hosts: list, port: int, extra_api: str = '') -> Path:
-    """deploy/nginx/nginx.conf (what a team runs) for a test: its two hosts replaced by `hosts` ('127.0.0.1:PORT'), listening
-    on `port`, its pid, logs and temporary files in `d`; `extra_api` added to the API's location. Returns the file."""
-    import re
-    conf = (ROOT/'deploy'/'nginx'/'nginx.conf').read_text()
-    conf = conf.replace('biovis-1:7860', hosts[0]).replace('biovis-2:7860', hosts[1]).replace('listen 80;', f'listen 127.0.0.1:{port};')
-    conf = re.sub(r'^pid .*?;', f'pid {d}/nginx.pid;', conf, flags=re.M)
-    conf = conf.replace('access_log /dev/stdout;', f'access_log {d}/access.log;').replace('error_log /dev/stderr warn;', f'error_log {d}/error.log warn;')
-    (d/'tmp').mkdir(parents=True, exist_ok=True)
-    os.chmod(d/'tmp', 0o777)              # nginx's workers run as nobody when the master runs as root
-    conf = conf.replace('http {', 'http {\n' + ''.join(f'    {k}_temp_path {d}/tmp/{k};\n' for k in ('client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi')), 1)
-    if extra_api:
-        conf = conf.replace('            proxy_pass http://biovis_api;\n', f'            proxy_pass http://biovis_api;\n            {extra_api}\n', 1)
-    (d/'nginx.conf').write_text(conf)
-    return d/'nginx.conf'

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import BIOVIS, ROOT, local_nginx_conf, wait_until_up, stop_process
+from conftest import BIOVIS, ROOT, wait_until_up, stop_process
+from biovis.bench.fleet import nginx_conf
 
 DEPLOY = ROOT/'deploy'
 PROM_DIR = DEPLOY/'prometheus'
@@ -350,7 +351,7 @@ def test_compose_file_wires_the_fleet():
 def test_nginx_config_balances_the_two_hosts(fleet, tmp_path):
     "deploy/nginx/nginx.conf with the test's hosts and a free port: the API goes round robin, /metrics is not exposed."
     f, port = fleet, _free_port()
-    local_nginx_conf(tmp_path, [f.inst_a, f.inst_b], port)
+    nginx_conf(tmp_path, [f.inst_a, f.inst_b], port)
     base = [NGINX, '-p', str(tmp_path), '-e', str(tmp_path/'error.log'), '-c', str(tmp_path/'nginx.conf')]
     t = subprocess.run([*base, '-t'], capture_output=True, text=True, timeout=30)
     assert t.returncode == 0, t.stderr

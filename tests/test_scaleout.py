@@ -1,18 +1,17 @@
 """Several hosts for real: two `biovis serve` processes with their own BIOVIS_HOME on their own ports, sharing one
-PostgreSQL store, one registry folder and one upload folder, behind nginx on loopback with deploy/nginx/nginx.conf."""
-import io, os, shutil, signal, subprocess, threading, time
-from pathlib import Path
+PostgreSQL store, one registry folder and one upload folder, behind nginx on loopback with deploy/nginx/nginx.conf
+(the pieces are biovis.bench.fleet's, which the scale-out benchmark runs too)."""
+import io, os, shutil, time
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from conftest import BIOVIS, ROOT, free_port, local_nginx_conf, run_cli, wait_until_up, stop_process
+from conftest import run_cli
+from biovis.bench.fleet import Balancer, ServeHost, audit, mixed_load, nginx_path
 
-NGINX = shutil.which('nginx') or '/usr/sbin/nginx'
 SECRET = 'a-shared-token-key-of-this-test-fleet-0123456789'
 PASSWORDS = dict(ana='ana-secret-pw', root='root-secret-pw')
 
@@ -21,57 +20,20 @@ def _png(a):
     b = io.BytesIO(); Image.fromarray(a).save(b, 'PNG'); return b.getvalue()
 
 
-class Host:
-    "One `biovis serve` process: its own home and port, the fleet's shared settings; can be killed and started again."
-    def __init__(self, home: Path, env: dict):
-        self.home, self.port = home, free_port()
-        self.url = f'http://127.0.0.1:{self.port}'
-        self.env = dict(env, BIOVIS_HOME=str(home))
-        home.mkdir(parents=True, exist_ok=True)
-        self.start()
-
-    def start(self):
-        self.log = open(self.home/'server.log', 'a')
-        self.proc = subprocess.Popen([str(BIOVIS), 'serve', '--port', str(self.port)], env=self.env, cwd=str(self.home),
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until_up(self.proc, self.url + '/ping', self.home/'server.log', what=f'host {self.port}')
-
-    def kill9(self):
-        self.proc.send_signal(signal.SIGKILL); self.proc.wait(30); self.log.close()
-
-    def stop(self): stop_process(self.proc, self.log)
-
-
-class Nginx:
-    def __init__(self, d: Path, hosts):
-        if not Path(NGINX).exists(): pytest.skip('nginx is not installed (apt-get install nginx)')
-        self.dir, self.port = d, free_port()
-        d.mkdir(parents=True)        # what a team runs (deploy/nginx/nginx.conf), telling which host answered
-        local_nginx_conf(d, [f'127.0.0.1:{h.port}' for h in hosts], self.port, extra_api='add_header X-Upstream $upstream_addr always;')
-        self.url = f'http://127.0.0.1:{self.port}'
-        self.log = open(d/'nginx.out', 'w')
-        self.proc = subprocess.Popen([NGINX, '-c', str(d/'nginx.conf'), '-p', str(d), '-g', 'daemon off;'],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until_up(self.proc, self.url + '/ping', d/'error.log', what='nginx', timeout=60)
-
-    def stop(self): stop_process(self.proc, self.log)
-
-
 @pytest.fixture(scope='module')
 def fleet(tmp_path_factory, trained, pg_server, sample_ds):
     "Two hosts, one PostgreSQL store, one registry (a copy of the session's trained model), one upload folder, nginx."
+    if nginx_path() is None: pytest.skip('nginx is not installed (apt-get install nginx)')
     root = tmp_path_factory.mktemp('fleet')
     reg_dir = root/'registry'
     shutil.copytree(trained[0].root, reg_dir)
     db = pg_server.new_database()
-    env = {k: v for k, v in os.environ.items() if not k.startswith('BIOVIS_')}
-    env.update(BIOVIS_DB_URL=db, BIOVIS_MODELS=str(reg_dir), BIOVIS_UPLOADS=str(root/'uploads'), BIOVIS_SECRET=SECRET,
-               BIOVIS_AUTH='1', BIOVIS_RATE_LIMIT='0', GRADIO_ANALYTICS_ENABLED='False')
+    env = dict(BIOVIS_DB_URL=db, BIOVIS_MODELS=reg_dir, BIOVIS_UPLOADS=root/'uploads', BIOVIS_SECRET=SECRET,
+               BIOVIS_AUTH='1', BIOVIS_RATE_LIMIT='0')
     for u, role in (('ana', 'clinician'), ('root', 'admin')):
-        run_cli('users', 'add', u, '--role', role, home=root, check=0,
-                env=dict(BIOVIS_DB_URL=db, BIOVIS_NEW_PASSWORD=PASSWORDS[u]))
-    hosts = [Host(root/'host-a', env), Host(root/'host-b', env)]
-    lb = Nginx(root/'nginx', hosts)
+        run_cli('users', 'add', u, '--role', role, home=root, check=0, env=dict(BIOVIS_DB_URL=db, BIOVIS_NEW_PASSWORD=PASSWORDS[u]))
+    hosts = [ServeHost(root/'host-a', env), ServeHost(root/'host-b', env)]
+    lb = Balancer(root/'nginx', hosts)
     x, y = sample_ds.tensors('test')
     cells = [(_png(x[i]), sample_ds.classes[y[i]]) for i in range(64)]
     yield dict(hosts=hosts, lb=lb, db=db, registry=reg_dir, uploads=root/'uploads', cells=cells, classes=sample_ds.classes)
@@ -114,7 +76,7 @@ def test_token_history_and_round_robin_across_hosts(fleet):
                        headers=auth_a, timeout=60)
         assert r.status_code == 200, r.text
         seen.add(r.headers['x-upstream'])
-    assert seen == {f'127.0.0.1:{h.port}' for h in fleet['hosts']}
+    assert seen == {h.addr for h in fleet['hosts']}
     # the image went to the shared upload folder, where every host finds it
     [(sha,)] = db_rows(fleet['db'], f"SELECT image_sha FROM predictions WHERE id = '{r.json()['predictions'][0]['id']}'")
     assert len(list(fleet['uploads'].glob(f'*/{sha}.*'))) == 1
@@ -140,69 +102,19 @@ def test_promotion_seen_by_every_host_without_restart(fleet):
 
 def test_no_acknowledged_row_lost_when_a_host_is_killed_mid_load(fleet):
     """8 clients x 200 requests (predict, then a correction of it) through nginx; host B is killed with SIGKILL after a
-    third of them and started again at once while the load goes on (the clients' last third waits until it is up, so it
-    must take traffic again). Every acknowledged prediction and correction is in the shared store exactly once; nothing
-    is duplicated; every stored prediction's image is in the shared upload folder."""
-    lb, (a, b), cells, classes = fleet['lb'], fleet['hosts'], fleet['cells'], fleet['classes']
-    n_clients, per_client = 8, 200
-    auth = token(a.url, 'ana')
-    acked_pred, acked_fb, failures, upstreams, lock = {}, {}, [], {}, threading.Lock()
-    done, b_back = [0], threading.Event()
-    def client(c):
-        with httpx.Client(base_url=lb.url, headers=auth, timeout=60) as s:
-            pid = None
-            for i in range(per_client):
-                if i == 2 * per_client // 3: b_back.wait(180)      # the last third only once B is back
-                tag = f'load-c{c}-r{i}'
-                try:
-                    if pid is None:
-                        img, _ = cells[(c * per_client + i) % len(cells)]
-                        r = s.post('/predict', files={'files': (f'{tag}.png', img, 'image/png')})
-                        if r.status_code == 200:
-                            pid = r.json()['predictions'][0]['id']
-                            with lock: acked_pred[tag] = pid
-                    else:
-                        r = s.post('/feedback', json=dict(prediction_id=pid, label=classes[i % len(classes)], note=tag))
-                        if r.status_code == 200:
-                            with lock: acked_fb[tag] = r.json()['feedback_id']
-                        pid = None
-                    with lock:
-                        upstreams[r.headers.get('x-upstream', '?')] = upstreams.get(r.headers.get('x-upstream', '?'), 0) + 1
-                    if r.status_code != 200:
-                        with lock: failures.append((tag, r.status_code))
-                except httpx.HTTPError as e:
-                    with lock: failures.append((tag, type(e).__name__))
-                with lock: done[0] += 1
-    total = n_clients * per_client
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(n_clients)]
-    t0 = time.time()
-    [t.start() for t in threads]
-    while done[0] < total // 3: time.sleep(0.05)
-    b.kill9(); killed_at = done[0]
-    b_before = upstreams.get(f'127.0.0.1:{b.port}', 0)
-    b.start(); restarted_at = done[0]
-    b_back.set()
-    [t.join(timeout=600) for t in threads]
-    wall = time.time() - t0
-    b_after = upstreams.get(f'127.0.0.1:{b.port}', 0) - b_before
-    print(f'{total} requests in {wall:.1f} s; B killed at {killed_at}, restarted at {restarted_at}; '
-          f'acknowledged {len(acked_pred)} predictions + {len(acked_fb)} corrections; not acknowledged {len(failures)}: '
-          f'{failures[:5]}; by upstream {upstreams}')
-    assert done[0] == total
-    assert len(acked_pred) + len(acked_fb) >= 0.97 * total        # only requests in flight at the kill may fail
-    assert b_after > 0, 'the restarted host got no traffic'
-    preds = db_rows(fleet['db'], "SELECT filename, id, image_sha FROM predictions WHERE filename LIKE 'load-%'")
-    fbs = db_rows(fleet['db'], "SELECT note, id, prediction_id FROM feedback WHERE note LIKE 'load-%'")
-    stored_pred = {}
-    for fn, pid, _ in preds: stored_pred.setdefault(fn[:-4], []).append(pid)
-    stored_fb = {}
-    for note, fid, _ in fbs: stored_fb.setdefault(note, []).append(fid)
-    assert all(len(v) == 1 for v in stored_pred.values()), 'a prediction request stored twice'
-    assert all(len(v) == 1 for v in stored_fb.values()), 'a correction stored twice'
-    assert {k: v[0] for k, v in stored_pred.items() if k in acked_pred} == acked_pred      # every acknowledged one, as acknowledged
-    assert {k: v[0] for k, v in stored_fb.items() if k in acked_fb} == acked_fb
-    unacked_stored = len(set(stored_pred) - set(acked_pred)) + len(set(stored_fb) - set(acked_fb))
-    print(f'stored but not acknowledged (the host died after its commit, before its answer): {unacked_stored}')
-    assert unacked_stored <= len(failures)
-    missing = [sha for _, _, sha in preds if not list(fleet['uploads'].glob(f'{sha[:2]}/{sha}.*'))]
-    assert missing == []
+    third of them and started again at once (the clients' last third waits until it is up, so it must take traffic
+    again once nginx sends it requests). Every acknowledged prediction and correction is in the shared store, with the id it was acknowledged with;
+    nothing is stored twice; every stored prediction's image is in the shared upload folder."""
+    a, b = fleet['hosts']
+    run = mixed_load(fleet['lb'].url, [c for c, _ in fleet['cells']], fleet['classes'], clients=8, per_client=200,
+                     headers=token(a.url, 'ana'), kill=b)
+    res = audit(fleet['db'], run)
+    print(f'{run.requests} requests in {run.seconds:.1f} s; B killed at {run.killed_at}, back at {run.back_at}; {res}; '
+          f'refused {run.refused[:5]}; by host {run.upstreams}; B after its restart: {run.after_restart}')
+    assert res['requests'] == 1600 and res['lost'] == 0 and res['duplicated'] == 0
+    assert res['acknowledged'] >= 0.97 * 1600                      # only requests in flight at the kill may be refused
+    assert res['stored_not_acknowledged'] <= res['refused']
+    assert run.after_restart > 0, 'the restarted host got no traffic'
+    assert {code for _, code in run.refused} <= {502, 503, 504}, run.refused
+    shas = db_rows(fleet['db'], "SELECT DISTINCT image_sha FROM predictions WHERE filename LIKE 'load-%'")
+    assert len(shas) > 0 and [s for (s,) in shas if not list(fleet['uploads'].glob(f'{s[:2]}/{s}.*'))] == []

@@ -12,13 +12,16 @@ __all__ = ['cmd_benchmark', 'add_commands']
 
 # %% ../../nbs/98g_commands.bench.ipynb #c126868e
 def cmd_benchmark(a):
-    "Run the benchmark the flags ask for (`--keras`, `--segmentation`, `--serving`; default: classification)."
+    "Run the benchmark the flags ask for (`--keras`, `--segmentation`, `--serving`, `--scaleout`; default: classification)."
     if a.keras:
         from biovis.bench.keras import keras_benchmark
         keras_benchmark(data=a.data, out_dir=a.out, budget_s=a.keras_budget, keras_arch=a.keras_arch); return
     if a.segmentation:
         from biovis.bench.segmentation import run_seg_benchmark
         run_seg_benchmark(out_dir=a.out, cf_budget_s=a.seg_budget, registry=registry_of(a)); return
+    if a.scaleout:
+        from biovis.bench.scaleout import scaleout_benchmark
+        scaleout_benchmark(model=a.model, out_dir=a.out, registry=registry_of(a)); return
     if a.serving:
         from biovis.bench.serving import serving_benchmark
         serving_benchmark(model=a.model, out_dir=a.out, registry=registry_of(a)); return
@@ -36,7 +39,9 @@ def add_commands(sub):
     b.add_argument('--epochs', type=int, default=None, help='training epochs (default: 25)')
     b.add_argument('--seeds', type=int, default=1, help='models in the ensemble')
     b.add_argument('--serving', action='store_true', help='benchmark the demo server instead (reports/benchmarks/serving.json)')
-    b.add_argument('--model', default=None, help='with --serving: the registered model to serve (default: the first)')
+    b.add_argument('--scaleout', action='store_true', help='PostgreSQL vs SQLite, 1 vs 2 hosts behind nginx, kill -9 under load '
+                   '(reports/benchmarks/scaleout.json; needs postgresql, nginx, apache2-utils)')
+    b.add_argument('--model', default=None, help='with --serving or --scaleout: the registered model to serve (default: the first)')
     b.add_argument('--segmentation', action='store_true', help='CrackForest and ISBI 2012 segmentation (reports/benchmarks/segmentation.json)')
     b.add_argument('--seg-budget', type=float, default=780, help='with --segmentation: CrackForest training budget in seconds')
     b.add_argument('--keras', action='store_true', help='Keras vs fastai with one time budget, ONNX Runtime vs PyTorch latency (reports/benchmarks/keras.json)')
