@@ -180,7 +180,7 @@ def train_and_register_keras(ds: ImageDataset, name: str | None = None, arch: st
             cur = reg.aliases(name).get('production')
             if promote == 'always' or promote is True or cur is None or \
                ev.metrics['accuracy'] >= reg.metadata(name, cur).get('metrics', {}).get('accuracy', 0):
-                reg.promote(name, version)
+                reg.promote(name, version, reason='trained (Keras): no production version, promote=always or a test accuracy as good')
         if run is not None:
             tracking.log_evaluation(run, ev)
             tracking.log_model(run, reg.path(name, version), name, metadata=dict(version=version, backend='keras'))

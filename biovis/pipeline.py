@@ -145,7 +145,7 @@ def register_run(registry: ModelRegistry, name: str, learn, ev, ds, decision: di
     meta = dict(learn.biovis, metrics=dict(ev.summary(), dataset_version=ds.version), promotion=decision, **(extra or {}))
     meta, card = retrain_recipe(kind_of(meta)[0]).registry_meta(meta, name, ev)
     version = registry.register(name, learn.model, meta, alias='candidate', card=card)
-    if decision.get('promote'): registry.promote(name, version)
+    if decision.get('promote'): registry.promote(name, version, reason=f"retrained: {decision.get('reason', '')}")
     return dict(name=name, version=version, promoted=bool(decision.get('promote')), reason=decision.get('reason'),
                 metrics=ev.summary(), dataset_version=ds.version, aliases={k: v for k, v in registry.aliases(name).items() if k != 'history'})
 

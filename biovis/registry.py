@@ -18,7 +18,7 @@ from .core import get_settings, atomic_write, write_json, read_json, sha256_file
 from .errors import RegistryError, ModelNotFoundError
 
 # %% auto #0
-__all__ = ['ALIASES', 'DEFAULT_TASK', 'DEFAULT_BACKEND', 'kind_of', 'ModelRegistry', 'model_card']
+__all__ = ['ALIASES', 'DEFAULT_TASK', 'DEFAULT_BACKEND', 'kind_of', 'actor', 'ModelRegistry', 'model_card']
 
 # %% ../nbs/05_registry.ipynb #20e70d18
 ALIASES = ('production', 'candidate')
@@ -30,6 +30,13 @@ def kind_of(meta: dict) -> tuple:
     return meta.get('task') or DEFAULT_TASK, meta.get('backend') or DEFAULT_BACKEND
 
 def _now(): return datetime.now(timezone.utc).isoformat(timespec='seconds')
+
+def actor() -> str:
+    "Who is acting, for the alias log: this process's user (from the system's user table, not the environment), host and pid."
+    import pwd, socket
+    try: user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError: user = str(os.geteuid())
+    return f'{user}@{socket.gethostname()} pid {os.getpid()}'
 
 def _vnum(v: str) -> int: return int(v[1:]) if v.startswith('v') and v[1:].isdigit() else -1
 
@@ -61,10 +68,17 @@ class ModelRegistry:
         if not d.is_dir(): return []
         return sorted((p.name for p in d.iterdir() if p.is_dir() and _vnum(p.name) > 0 and (p/'metadata.json').exists()), key=_vnum)
 
-    def aliases(self, name: str) -> dict:
-        "The aliases of `name` (alias -> version), with the alias history under `history`."
+    def _alias_file(self, name: str) -> dict:
         p = self.root/name/'aliases.json'
         return read_json(p) if p.exists() else {'history': {}}
+
+    def aliases(self, name: str) -> dict:
+        "The aliases of `name` (alias -> version), with the earlier targets of each under `history`."
+        return {k: v for k, v in self._alias_file(name).items() if k != 'log'}
+
+    def history(self, name: str) -> list:
+        "Every alias move of `name`, oldest first: time, action, alias, version, previous, by (user@host pid), reason, metrics."
+        return list(self._alias_file(name).get('log', []))
 
     def resolve(self, name: str, ref: str = 'production') -> str:
         "The version that `ref` (an alias, `latest`, `vN` or `N`) of `name` points to."
@@ -103,7 +117,8 @@ class ModelRegistry:
 
     # --- writing -------------------------------------------------------------------------
     def register(self, name: str, model: torch.nn.Module | None, meta: dict, card: str | None = None,
-                 alias: str | None = 'candidate', extra_files: dict | None = None, weights_file=None) -> str:
+                 alias: str | None = 'candidate', extra_files: dict | None = None, weights_file=None,
+                 by: str | None = None, reason: str = '') -> str:
         "Store `model`'s weights (or the file `weights_file`, e.g. a Keras `.keras`/`.h5` or an `.onnx`) with `meta` (and `extra_files`, {file name: bytes}) as a new version of `name` (atomically); set `alias`; returns the version."
         if not name or '/' in name or name.startswith('.') or name != name.strip():
             raise RegistryError(f'invalid model name {name!r}')
@@ -142,47 +157,60 @@ class ModelRegistry:
                 _fsync_dir(stage)
                 os.rename(stage, d/version)
                 _fsync_dir(d)
-                if alias: self._set_alias(name, alias, version)
+                if alias: self._set_alias(name, alias, version, 'register', by, reason or 'registered as a new version')
         finally:
             if stage.exists(): shutil.rmtree(stage, ignore_errors=True)
         return version
 
-    def _set_alias(self, name, alias, version):
+    def _event(self, name, action, alias, version, previous, by, reason) -> dict:
+        "One entry of the alias log, with the test metrics of the version it points to (what the decision was made on)."
+        met = {}
+        if version:
+            try: met = read_json(self.root/name/version/'metadata.json').get('metrics', {})
+            except (OSError, ValueError): pass
+        return dict(time=_now(), action=action, alias=alias, version=version, previous=previous, by=by or actor(),
+                    reason=str(reason or '')[:500], metrics={k: v for k, v in met.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    def _set_alias(self, name, alias, version, action='promote', by=None, reason=''):
         if alias not in ALIASES: raise RegistryError(f'unknown alias {alias!r}; use one of {ALIASES}')
-        al = self.aliases(name); hist = al.setdefault('history', {})
+        al = self._alias_file(name); hist = al.setdefault('history', {})
         prev = al.get(alias)
         if prev == version: return
         if prev: hist.setdefault(alias, []).append(prev)
         al[alias] = version
-        write_json(self.root/name/'aliases.json', al)
+        al.setdefault('log', []).append(self._event(name, action, alias, version, prev, by, reason))
+        write_json(self.root/name/'aliases.json', al)       # the move and its log entry in one atomic rename
 
-    def promote(self, name: str, ref: str, alias: str = 'production') -> str:
-        "Point `alias` of `name` at version `ref`; the previous target is kept for `rollback`."
+    def promote(self, name: str, ref: str, alias: str = 'production', by: str | None = None, reason: str = '') -> str:
+        "Point `alias` of `name` at version `ref` (logged with `by`, default this process's user@host pid, and `reason`); the previous target is kept for `rollback`."
         with self._lock(name):
             v = self.resolve(name, ref)
-            self._set_alias(name, alias, v)
+            self._set_alias(name, alias, v, 'promote', by, reason)
         return v
 
-    def rollback(self, name: str, alias: str = 'production') -> str:
-        "Point `alias` back at the version it had before; returns that version."
+    def rollback(self, name: str, alias: str = 'production', by: str | None = None, reason: str = '') -> str:
+        "Point `alias` back at the version it had before (logged like `promote`); returns that version."
         with self._lock(name):
-            al = self.aliases(name); hist = al.get('history', {}).get(alias, [])
+            al = self._alias_file(name); hist = al.get('history', {}).get(alias, [])
             vs = self.versions(name)
             while hist and hist[-1] not in vs: hist.pop()        # skip versions deleted since
             if not hist: raise RegistryError(f'{name} has no earlier {alias} version to roll back to')
-            al[alias] = hist.pop()
+            prev, al[alias] = al.get(alias), hist.pop()
+            al.setdefault('log', []).append(self._event(name, 'rollback', alias, al[alias], prev, by, reason))
             write_json(self.root/name/'aliases.json', al)
             return al[alias]
 
-    def delete(self, name: str, ref: str, force: bool = False) -> str:
-        "Delete a version; one that an alias points to needs `force` (the alias is then removed)."
+    def delete(self, name: str, ref: str, force: bool = False, by: str | None = None, reason: str = '') -> str:
+        "Delete a version; one that an alias points to needs `force` (the alias is then removed, and that is logged)."
         with self._lock(name):
             v = self.resolve(name, ref)
-            al = self.aliases(name)
+            al = self._alias_file(name)
             held = [a for a in ALIASES if al.get(a) == v]
             if held and not force:
                 raise RegistryError(f'{name} {v} is {" and ".join(held)}; promote another version first or pass force')
-            for a in held: del al[a]
+            for a in held:
+                del al[a]
+                al.setdefault('log', []).append(self._event(name, 'delete', a, None, v, by, reason or f'{v} deleted (forced)'))
             for h in al.get('history', {}).values():
                 while v in h: h.remove(v)
             write_json(self.root/name/'aliases.json', al)

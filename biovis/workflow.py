@@ -47,7 +47,9 @@ def train_and_register(ds: ImageDataset, name: str | None = None, arch: str = 'c
         current = reg.aliases(name).get('production')
         better = current is None or ev.metrics['accuracy'] >= reg.metadata(name, current).get('metrics', {}).get('accuracy', 0)
         if promote == 'always' or promote is True or better:
-            reg.promote(name, version); log.info('%s %s promoted to production', name, version)
+            why = ('no production version yet' if current is None else
+                   f"test accuracy {ev.metrics['accuracy']:.4f} >= production {current}'s" if better else f'promote={promote!r}')
+            reg.promote(name, version, reason=f'trained: {why}'); log.info('%s %s promoted to production', name, version)
         else: log.info('%s %s stays candidate: production %s is more accurate', name, version, current)
     return learn, ev, version
 

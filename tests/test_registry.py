@@ -82,6 +82,10 @@ _WRITER = textwrap.dedent('''
 
 def _check_consistent(reg):
     al = reg.aliases('m')
+    log = reg.history('m')
+    for a in ('production', 'candidate'):       # the alias log agrees with the aliases: a move and its entry are one write
+        moves = [e for e in log if e['alias'] == a]
+        assert (moves[-1]['version'] if moves else None) == al.get(a), (a, al, moves[-1:])
     for v in reg.versions('m'):
         model, meta = load_model('m', v, registry=reg)     # every listed version is whole and its weights verify
         assert meta['version'] == v
@@ -118,6 +122,27 @@ def test_concurrent_writers_get_distinct_versions(tmp_path):
     assert ModelRegistry(tmp_path).versions('m') == [f'v{i}' for i in range(1, 16)]
 
 
+def test_alias_log_who_why_metrics(tmp_path):
+    "Every alias move is logged with time, action, who, why and the metrics of the version it points to."
+    reg = ModelRegistry(tmp_path)
+    v1 = reg.register('m', create_model('cnn_small', 3), META)
+    v2 = reg.register('m', create_model('cnn_small', 3), dict(META, metrics=dict(accuracy=0.9, auc=0.99, note='text')))
+    reg.promote('m', v1, reason='first')
+    reg.promote('m', v2, by='ana@clinic', reason='better on the holdout')
+    reg.promote('m', v2)                                            # no move, no entry
+    reg.rollback('m', reason='v2 misreads smears from the new scanner')
+    reg.delete('m', v2, force=True)
+    log = reg.history('m')
+    assert [(e['action'], e['alias'], e['version'], e['previous']) for e in log] == [
+        ('register', 'candidate', 'v1', None), ('register', 'candidate', 'v2', 'v1'), ('promote', 'production', 'v1', None),
+        ('promote', 'production', 'v2', 'v1'), ('rollback', 'production', 'v1', 'v2'), ('delete', 'candidate', None, 'v2')]
+    assert log[3]['by'] == 'ana@clinic' and log[3]['reason'] == 'better on the holdout'
+    assert log[3]['metrics'] == dict(accuracy=0.9, auc=0.99)                 # numbers only
+    assert log[2]['by'].endswith(f'pid {os.getpid()}') and '@' in log[2]['by']
+    assert all(e['time'].endswith('+00:00') for e in log) and 'log' not in reg.aliases('m')
+    assert reg.aliases('m')['production'] == 'v1' and 'candidate' not in reg.aliases('m')
+
+
 def test_cli_models_commands(tmp_path):
     reg = ModelRegistry(tmp_path/'models')
     for _ in range(2): reg.register('m', create_model('cnn_small', 3), META)
@@ -135,3 +160,7 @@ def test_cli_models_commands(tmp_path):
     run_cli('models', 'delete', 'm', 'v2', '--force', home=tmp_path, check=0)
     assert run_cli('models', 'show', 'm', 'v2', home=tmp_path).returncode == 4
     assert run_cli('models', 'frobnicate', home=tmp_path).returncode == 2
+    r = run_cli('models', 'history', 'm', home=tmp_path, check=0)
+    assert 'rollback' in r.stdout and 'by hand (biovis models rollback)' in r.stdout
+    events = [json.loads(l) for l in run_cli('models', 'history', 'm', '--json', home=tmp_path, check=0).stdout.splitlines()]
+    assert [e['action'] for e in events] == ['register', 'register', 'promote', 'promote', 'rollback', 'delete']

@@ -17,7 +17,7 @@ from .core import (add_listen_options, EXIT_BAD_INPUT, TRAIN, EVALUATE, PREDICT,
 # %% auto #0
 __all__ = ['DATA_HELP', 'cmd_quickstart', 'cmd_data_info', 'cmd_data_fetch', 'cmd_train', 'cmd_evaluate', 'cmd_predict',
            'cmd_models_list', 'cmd_models_show', 'cmd_models_promote', 'cmd_models_rollback', 'cmd_models_delete',
-           'run_train', 'run_evaluate', 'run_predict', 'add_commands']
+           'cmd_models_history', 'run_train', 'run_evaluate', 'run_predict', 'add_commands']
 
 # %% ../../nbs/98a_commands.models.ipynb #00c6bbc8
 def cmd_quickstart(a):
@@ -102,13 +102,24 @@ def cmd_models_show(a):
     else: print(json.dumps(meta, indent=2))
 
 def cmd_models_promote(a):
-    v = registry_of(a).promote(a.name, a.version, a.alias); print(f'{a.name} {a.alias} -> {v}')
+    v = registry_of(a).promote(a.name, a.version, a.alias, reason=a.reason or 'by hand (biovis models promote)'); print(f'{a.name} {a.alias} -> {v}')
 
 def cmd_models_rollback(a):
-    v = registry_of(a).rollback(a.name, a.alias); print(f'{a.name} {a.alias} rolled back to {v}')
+    v = registry_of(a).rollback(a.name, a.alias, reason=a.reason or 'by hand (biovis models rollback)'); print(f'{a.name} {a.alias} rolled back to {v}')
 
 def cmd_models_delete(a):
-    v = registry_of(a).delete(a.name, a.version, force=a.force); print(f'deleted {a.name} {v}')
+    v = registry_of(a).delete(a.name, a.version, force=a.force, reason=a.reason); print(f'deleted {a.name} {v}')
+
+def cmd_models_history(a):
+    "Every alias move of a model, oldest first (or as JSON lines)."
+    events = registry_of(a).history(a.name)
+    if not events: print(f'{a.name}: no alias has moved yet'); return
+    if a.json:
+        for e in events: print(json.dumps(e))
+        return
+    rows = [dict(time=e['time'], action=e['action'], alias=e['alias'], to=e['version'] or '-', previous=e['previous'] or '-',
+                 accuracy=e['metrics'].get('accuracy', e['metrics'].get('dice')), by=e['by'], reason=e['reason']) for e in events]
+    print_table(rows, ['time', 'action', 'alias', 'to', 'previous', 'accuracy', 'by', 'reason'])
 
 # %% ../../nbs/98a_commands.models.ipynb #f38b0bb7
 def run_train(a):
@@ -188,10 +199,17 @@ def add_commands(sub):
     mp = m.add_parser('promote', help='point an alias at a version'); mp.add_argument('name', help='model name')
     mp.add_argument('version', help='the version the alias points at')
     mp.add_argument('--alias', default='production', choices=['production', 'candidate'], help='the alias (default: production)')
+    mp.add_argument('--reason', default='', help='why, for the alias log (biovis models history)')
     mp.set_defaults(fn=cmd_models_promote)
     mr = m.add_parser('rollback', help='point an alias back at its previous version'); mr.add_argument('name', help='model name')
     mr.add_argument('--alias', default='production', choices=['production', 'candidate'], help='the alias (default: production)')
+    mr.add_argument('--reason', default='', help='why, for the alias log (biovis models history)')
     mr.set_defaults(fn=cmd_models_rollback)
     md = m.add_parser('delete', help='delete a version'); md.add_argument('name', help='model name')
     md.add_argument('version', help='the version to delete')
-    md.add_argument('--force', action='store_true', help='also if an alias points to it'); md.set_defaults(fn=cmd_models_delete)
+    md.add_argument('--force', action='store_true', help='also if an alias points to it')
+    md.add_argument('--reason', default='', help='why, for the alias log when an alias is removed')
+    md.set_defaults(fn=cmd_models_delete)
+    mh = m.add_parser('history', help='every alias move: when, who, why, with the metrics of the version'); mh.add_argument('name', help='model name')
+    mh.add_argument('--json', action='store_true', help='one JSON object per line instead of a table')
+    mh.set_defaults(fn=cmd_models_history)

@@ -197,6 +197,6 @@ def train_and_register_seg(ds: SegDataset, name: str | None = None, registry: Mo
     if promote:
         cur = reg.aliases(name).get('production')
         better = cur is None or ev.metrics['dice'] >= reg.metadata(name, cur).get('metrics', {}).get('dice', 0)
-        if promote == 'always' or promote is True or better: reg.promote(name, version); log.info('%s %s promoted to production', name, version)
+        if promote == 'always' or promote is True or better: reg.promote(name, version, reason='trained: ' + ('better test Dice' if better else f'promote={promote!r}')); log.info('%s %s promoted to production', name, version)
         else: log.info('%s %s stays candidate: production %s has a better test Dice', name, version, cur)
     return learn, ev, version
