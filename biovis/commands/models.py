@@ -15,9 +15,9 @@ from .core import (add_listen_options, EXIT_BAD_INPUT, TRAIN, EVALUATE, PREDICT,
                                   model_kind, data_task, add_arch_option)
 
 # %% auto #0
-__all__ = ['DATA_HELP', 'cmd_quickstart', 'cmd_data_info', 'cmd_data_fetch', 'cmd_train', 'cmd_evaluate', 'cmd_predict',
-           'cmd_models_list', 'cmd_models_show', 'cmd_models_promote', 'cmd_models_rollback', 'cmd_models_delete',
-           'cmd_models_history', 'run_train', 'run_evaluate', 'run_predict', 'add_commands']
+__all__ = ['DATA_HELP', 'cmd_quickstart', 'cmd_data_info', 'cmd_data_fetch', 'cmd_data_audit', 'cmd_train', 'cmd_evaluate',
+           'cmd_predict', 'cmd_models_list', 'cmd_models_show', 'cmd_models_promote', 'cmd_models_rollback',
+           'cmd_models_delete', 'cmd_models_history', 'run_train', 'run_evaluate', 'run_predict', 'add_commands']
 
 # %% ../../nbs/98a_commands.models.ipynb #00c6bbc8
 def cmd_quickstart(a):
@@ -40,6 +40,14 @@ def cmd_data_fetch(a):
     if a.dataset != 'bloodmnist': raise SystemExit(f'unknown data set {a.dataset!r}; known: bloodmnist')
     p = fetch_bloodmnist(a.dest, timeout=a.timeout)
     print(f'bloodmnist.npz verified (md5) at {p}')
+
+def cmd_data_audit(a):
+    "Likely label issues (out-of-fold probabilities + cleanlab) and images in two splits; the report goes to reports/audit/."
+    from biovis.data import load_dataset
+    from biovis.audit import audit_dataset
+    ds = load_dataset(a.source)
+    print(ds)
+    audit_dataset(ds, k=a.folds, epochs=a.epochs, arch=a.arch, hash_distance=a.hash_distance, out_dir=a.out, top=a.top, progress=False)
 
 # %% ../../nbs/98a_commands.models.ipynb #efe811c0
 def cmd_train(a):
@@ -147,7 +155,7 @@ def add_commands(sub):
     add_listen_options(q, 7860, 'the demo')
     q.set_defaults(fn=cmd_quickstart)
 
-    d = sub.add_parser('data', help='data sets: info, fetch').add_subparsers(dest='sub', metavar='SUBCOMMAND', required=True)
+    d = sub.add_parser('data', help='data sets: info, fetch, audit').add_subparsers(dest='sub', metavar='SUBCOMMAND', required=True)
     di = d.add_parser('info', help='classes, counts per split, dataset version')
     di.add_argument('source', nargs='?', default=None, help=DATA_HELP)
     di.add_argument('--manifest', default=None, help='write the manifest CSV here'); di.set_defaults(fn=cmd_data_info)
@@ -156,6 +164,15 @@ def add_commands(sub):
     df.add_argument('--dest', default=None, help='where to put the file (default: the data folder)')
     df.add_argument('--timeout', type=float, default=20, help='network timeout in seconds (default: 20)')
     df.set_defaults(fn=cmd_data_fetch)
+    da = d.add_parser('audit', help='likely wrong labels (out-of-fold probabilities + cleanlab) and images in two splits: reports/audit/')
+    da.add_argument('source', nargs='?', default=None, help=DATA_HELP)
+    da.add_argument('--folds', type=int, default=5, help='models trained, each predicting the images it did not see (default: 5)')
+    da.add_argument('--epochs', type=int, default=6, help='epochs of each fold model (default: 6)')
+    add_arch_option(da)
+    da.add_argument('--hash-distance', type=int, default=0, help='pHash bits two images may differ by and count as the same (default: 0)')
+    da.add_argument('--top', type=int, default=50, help='rows of each list in the Markdown and HTML report (default: 50)')
+    da.add_argument('--out', default=None, help='report folder (default: reports/audit)')
+    da.set_defaults(fn=cmd_data_audit)
 
     t = sub.add_parser('train', help='train, evaluate on the test split and register a model')
     t.add_argument('--data', default=None, help=DATA_HELP)
