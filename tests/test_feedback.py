@@ -503,20 +503,34 @@ def test_store_on_another_upload_store(db_url, tmp_path):
 # --- schema migrations (Alembic) ------------------------------------------------------------------------------
 
 def test_database_from_before_migrations_is_upgraded_in_place(db_url, tmp_path):
-    "A database made by create_all before migrations (no alembic_version, no 0002 index) is stamped and upgraded on open; its rows stay."
+    "A database made by create_all before migrations (the 0001 tables, no alembic_version) is stamped and upgraded on open; its rows stay."
     from datetime import datetime, timezone
     from sqlalchemy import inspect
-    from biovis.feedback.db import Base, PredictionRecord, schema_head, schema_revision
-    with raw(db_url) as con:                       # the tables as the code before migrations made them, with a row
-        Base.metadata.create_all(con)
-        con.exec_driver_sql('DROP INDEX ix_predictions_model_version_created')
+    from alembic import command
+    from biovis.feedback.db import PredictionRecord, schema_head, schema_revision, _alembic_config, SCHEMA_BASELINE
+    with raw(db_url) as con:                       # the tables as the code before migrations made them (= 0001), with a row
+        command.upgrade(_alembic_config(con), SCHEMA_BASELINE)
+        con.exec_driver_sql('DROP TABLE alembic_version')
         con.execute(PredictionRecord.__table__.insert(), [dict(id='a' * 32, created=datetime.now(timezone.utc), model='blood',
                                                                model_version='v1', image_sha='b' * 64, label='blast', probs=P)])
-        assert schema_revision(con) is None
+        con.exec_driver_sql("INSERT INTO feedback (prediction_id, correct_label, note, username, created) "
+                            "VALUES ('" + 'a' * 32 + "', 'normal', 'old', 'ana', '2026-01-01 00:00:00')")
+        assert schema_revision(con) is None and 'status' not in {c['name'] for c in inspect(con).get_columns('feedback')}
     with FeedbackStore(db_url, uploads_dir=tmp_path/'u') as s:
         assert [r['id'] for r in s.history()] == ['a' * 32]
+        assert [(r['correct_label'], r['status']) for r in s.feedback_rows()] == [('normal', 'accepted')]   # old rows: accepted
     with raw(db_url) as con:
-        assert schema_revision(con) == schema_head() == '0002'
+        assert schema_revision(con) == schema_head() == '0003'
         assert 'ix_predictions_model_version_created' in {i['name'] for i in inspect(con).get_indexes('predictions')}
     with FeedbackStore(db_url, uploads_dir=tmp_path/'u') as s:      # opened again: already at the head, nothing to do
         assert s.count_predictions() == 1
+
+
+def test_migrations_make_exactly_the_models_schema(db_url):
+    "After upgrading to the head, Alembic's autogenerate finds no difference from the models: a model change without its migration fails here."
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from biovis.feedback.db import Base
+    FeedbackStore(db_url, uploads_dir='/nonexistent').close()
+    with raw(db_url) as con:
+        assert compare_metadata(MigrationContext.configure(con), Base.metadata) == []

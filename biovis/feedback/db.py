@@ -103,7 +103,7 @@ class PredictionRecord(Base):
 
 # %% ../../nbs/10_feedback.db.ipynb #4e5fe204
 class FeedbackRecord(Base):
-    "A correction of a prediction: the right label, a note, who gave it and when."
+    "A correction of a prediction: the right label, a note, who gave it and when; held for a second reviewer when the model strongly disagrees."
     __tablename__ = 'feedback'
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     prediction_id: Mapped[str] = mapped_column(String(32), ForeignKey('predictions.id', ondelete='CASCADE'), index=True)
@@ -111,6 +111,11 @@ class FeedbackRecord(Base):
     note: Mapped[str] = mapped_column(Text, default='')
     user: Mapped[str | None] = mapped_column('username', String(128), nullable=True)
     created: Mapped[datetime] = mapped_column(_UTCDateTime, default=_utcnow, index=True)
+    # review (migration 0003): 'accepted', or 'held' for a second reviewer, then 'confirmed' or 'rejected'
+    status: Mapped[str] = mapped_column(String(16), default='accepted', server_default='accepted', index=True)
+    hold_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reviewed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    reviewed_at: Mapped[datetime | None] = mapped_column(_UTCDateTime, nullable=True)
     prediction: Mapped[PredictionRecord] = relationship(back_populates='feedback')
 
 # %% ../../nbs/10_feedback.db.ipynb #360fc7d1

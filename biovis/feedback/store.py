@@ -24,7 +24,7 @@ from .db import (FeedbackError, UnknownPredictionError, FeedbackPermissionError,
 from .uploads import UploadStore, upload_store
 
 # %% auto #0
-__all__ = ['FeedbackStore']
+__all__ = ['USABLE', 'FeedbackStore']
 
 # %% ../../nbs/10a_feedback.store.ipynb #5e7f7711
 class FeedbackStore:
@@ -187,13 +187,16 @@ def _insert_predictions(self: FeedbackStore, rows: list) -> list:
 # %% ../../nbs/10a_feedback.store.ipynb #73e3e5a6
 @patch
 def add_feedback(self: FeedbackStore, prediction_id: str, correct_label: str, note: str = '',
-                 user: str | None = None, classes=None, is_admin: bool = False) -> int:
-    "Record that prediction `prediction_id` should have been `correct_label`; returns the feedback id. A named `user` who is not `is_admin` may only correct their own (or anonymous) predictions."
+                 user: str | None = None, classes=None, is_admin: bool = False, held: str | None = None) -> int:
+    """Record that prediction `prediction_id` should have been `correct_label`; returns the feedback id. A named `user` who is
+    not `is_admin` may only correct their own (or anonymous) predictions. `held`: why the correction waits for a second
+    reviewer (`biovis.feedback.review`) before retraining may use it."""
     def row():
         label, n, u = _text(correct_label, 'correct label', MAX_LABEL), _text(note or '', 'note', MAX_NOTE, empty=True), _opt_user(user)
         if classes is not None and label not in list(classes):
             raise UnknownLabelError(f'label {label!r} is not one of the classes: {", ".join(map(str, classes))}')
-        return FeedbackRecord, dict(correct_label=label, note=n, user=u)
+        why = None if held is None else _text(held, 'hold reason', MAX_NOTE)
+        return FeedbackRecord, dict(correct_label=label, note=n, user=u, status='held' if why else 'accepted', hold_reason=why)
     return self._add_to_prediction(prediction_id, row, user=user, is_admin=is_admin)
 
 # %% ../../nbs/10a_feedback.store.ipynb #805ade4c
@@ -221,7 +224,8 @@ def _pred_dict(p: PredictionRecord, embedding: bool = False) -> dict:
     return d
 
 def _fb_dict(f: FeedbackRecord) -> dict:
-    return dict(id=f.id, correct_label=f.correct_label, note=f.note, user=f.user, created=_iso(f.created))
+    return dict(id=f.id, correct_label=f.correct_label, note=f.note, user=f.user, created=_iso(f.created), status=f.status,
+                hold_reason=f.hold_reason, reviewed_by=f.reviewed_by, reviewed_at=_iso(f.reviewed_at))
 
 @patch
 def history(self: FeedbackStore, user: str | None = None, limit: int | None = 100) -> list:
@@ -257,22 +261,25 @@ def count_predictions(self: FeedbackStore, since=None) -> int:
     return self._run(lambda s: s.scalar(q), write=False)
 
 @patch
-def count_feedback(self: FeedbackStore, since=None) -> int:
-    "How many feedback rows were recorded since `since` (all if None)."
+def count_feedback(self: FeedbackStore, since=None, status: str | None = None) -> int:
+    "How many feedback rows were recorded since `since` (all if None), of `status` if given (e.g. 'held')."
     q = select(func.count()).select_from(FeedbackRecord)
+    if status is not None: q = q.where(FeedbackRecord.status == status)
     if since is not None: q = q.where(FeedbackRecord.created >= _as_utc(since))
     return self._run(lambda s: s.scalar(q), write=False)
 
+USABLE = ('accepted', 'confirmed')      # the feedback retraining may use: not held, not rejected by a second reviewer
+
 @patch
-def feedback_rows(self: FeedbackStore, since=None) -> list:
-    "Feedback joined with its prediction, oldest first: the input of retraining."
+def feedback_rows(self: FeedbackStore, since=None, statuses=USABLE) -> list:
+    "Feedback (of `statuses`: by default what retraining may use) joined with its prediction, oldest first: the input of retraining."
     q = (select(FeedbackRecord, PredictionRecord).join(PredictionRecord, FeedbackRecord.prediction_id == PredictionRecord.id)
-         .order_by(FeedbackRecord.created, FeedbackRecord.id))
+         .where(FeedbackRecord.status.in_(list(statuses))).order_by(FeedbackRecord.created, FeedbackRecord.id))
     if since is not None: q = q.where(FeedbackRecord.created >= _as_utc(since))
     def tx(s):
         return [dict(feedback_id=f.id, prediction_id=p.id, image_sha=p.image_sha, predicted_label=p.label,
                      correct_label=f.correct_label, model=p.model, model_version=p.model_version, note=f.note,
-                     user=f.user, created=_iso(f.created), predicted_at=_iso(p.created)) for f, p in s.execute(q)]
+                     user=f.user, created=_iso(f.created), predicted_at=_iso(p.created), status=f.status) for f, p in s.execute(q)]
     return self._run(tx, write=False)
 
 # %% ../../nbs/10a_feedback.store.ipynb #9bf9eaf6
