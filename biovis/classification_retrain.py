@@ -78,6 +78,8 @@ def _build(store, name: str, src, meta: dict | None, epochs=None, arch=None, tta
         raise ValueError(f'base data {base.name} has classes {base.classes}, the model {meta["classes"]}')
     size = tuple(meta['input_size']) if meta else None
     ds, info = build_dataset_version(base, rows, store, name=name, size=size or base.native_size)
+    held = getattr(store, 'held_feedback', None)
+    info['feedback'] = dict(info['feedback'], held_for_review=len(held(model=name, limit=None)) if held else 0)  # not used until confirmed
     say(f'dataset version {ds.version[:12]}: {info["counts"]}, feedback {info["feedback"]}')
     # the candidate keeps production's augmentation policy (a model from before policies: the 8 dihedral views it had)
     policy = policy_from_dict(meta.get('policy')).to_dict() if meta else None
