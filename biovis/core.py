@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'SAMPLE_NAME', 'env', 'set_env', 'child_env', 'Settings', 'get_settings', 'project_root', 'sample_path',
-           'set_seed', 'get_device', 'get_logger', 'sha256_bytes', 'sha256_file', 'atomic_write', 'write_json',
-           'read_json', 'git_commit']
+__all__ = ['IMAGE_EXTS', 'CONFORMAL_LEVELS', 'SAMPLE_NAME', 'env', 'set_env', 'child_env', 'Settings', 'get_settings',
+           'project_root', 'sample_path', 'set_seed', 'get_device', 'get_logger', 'sha256_bytes', 'sha256_file',
+           'atomic_write', 'write_json', 'read_json', 'git_commit']
 
 # %% ../nbs/00_core.ipynb #927ac197
 import warnings
@@ -51,6 +51,18 @@ def _env_flag(var, default: bool = False) -> bool:
     v = os.environ.get(var)
     return default if v in (None, '') else v.strip().lower() in ('1', 'true', 'yes', 'on')
 
+CONFORMAL_LEVELS = (0.9, 0.95)          # the coverage levels every model's prediction sets are calibrated at (biovis.conformal)
+
+def _conformal_level(v: str | None) -> float:
+    "`BIOVIS_CONFORMAL_LEVEL` as one of `CONFORMAL_LEVELS` (0.9, 90 and 90% all read as 0.9); a ValueError names the allowed values."
+    if v in (None, ''): return CONFORMAL_LEVELS[0]
+    try: x = float(str(v).strip().rstrip('%'))
+    except ValueError: x = float('nan')
+    x = x / 100 if x > 1 else x
+    for lvl in CONFORMAL_LEVELS:
+        if abs(x - lvl) < 1e-9: return lvl
+    raise ValueError(f'BIOVIS_CONFORMAL_LEVEL={v!r}: prediction sets are calibrated at {" or ".join(map(str, CONFORMAL_LEVELS))} only')
+
 @dataclass(frozen=True)
 class Settings:
     "Runtime settings of the workbench, every limit and threshold default in one place; build one with `get_settings()`."
@@ -62,6 +74,7 @@ class Settings:
     device: str | None = None
     log_level: str = 'INFO'
     fb_thresh: int = 100                  # new feedback rows that trigger a retrain
+    hold_below: float = 0.02              # a correction to a class the model gives less than this waits for a second reviewer; 0: never
     promotion_margin: float = 0.01        # a candidate is promoted unless worse than production by more than this
     db_url: str | None = None             # None: the SQLite file <home>/data/biovis.db
     uploads_dir: Path | None = None       # None: <home>/data/uploads; several hosts share one folder
@@ -85,6 +98,7 @@ class Settings:
     torch_threads: int = 1
     serve_models: tuple = ()
     prometheus_url: str | None = None     # the Prometheus that scrapes the hosts (the dashboard's Operations card); None: no card
+    conformal_level: float = CONFORMAL_LEVELS[0]   # coverage of the prediction sets the Predictor returns (one of CONFORMAL_LEVELS)
     wandb_project: str = 'biovis'
     wandb_entity: str | None = None
     wandb_mode: str = 'offline'           # 'online' when a W&B API key is configured
@@ -108,6 +122,7 @@ def get_settings(**overrides) -> Settings:
               reports_dir=_env_path('BIOVIS_REPORTS', home/'reports'),
               seed=int(e('BIOVIS_SEED') or 42), device=e('BIOVIS_DEVICE') or None, log_level=e('BIOVIS_LOG_LEVEL') or 'INFO',
               fb_thresh=int(e('BIOVIS_FB_THRESH') or Settings.fb_thresh),
+              hold_below=float(e('BIOVIS_HOLD_BELOW') or Settings.hold_below),
               promotion_margin=float(e('BIOVIS_PROMOTION_MARGIN') or Settings.promotion_margin),
               db_url=e('BIOVIS_DB_URL') or None, 
               uploads_dir=Path(e('BIOVIS_UPLOADS')).expanduser() if e('BIOVIS_UPLOADS') else None,
@@ -127,6 +142,7 @@ def get_settings(**overrides) -> Settings:
               torch_threads=int(e('BIOVIS_TORCH_THREADS') or Settings.torch_threads),
               serve_models=tuple(n for n in (e('BIOVIS_SERVE_MODELS') or '').split(',') if n),
               prometheus_url=(e('BIOVIS_PROMETHEUS_URL') or '').rstrip('/') or None,
+              conformal_level=_conformal_level(e('BIOVIS_CONFORMAL_LEVEL')),
               wandb_project=e('BIOVIS_WANDB_PROJECT') or e('WANDB_PROJECT') or 'biovis',
               wandb_entity=e('BIOVIS_WANDB_ENTITY') or e('WANDB_ENTITY') or None,
               wandb_mode=e('BIOVIS_WANDB_MODE') or e('WANDB_MODE') or ('online' if e('WANDB_API_KEY') else 'offline'))

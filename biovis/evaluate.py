@@ -15,6 +15,7 @@ from sklearn import metrics as skm
 from .data import ImageDataset
 from .train import predict_proba
 from .policy import policy_from_dict
+from .conformal import set_metrics
 
 # %% auto #0
 __all__ = ['calibration_bins', 'expected_calibration_error', 'classification_metrics', 'Evaluation', 'calibrated_metrics',
@@ -120,9 +121,10 @@ def calibrated_metrics(y, probs_at, temperature: float, classes: list) -> tuple:
 
 # %% ../nbs/04_evaluate.ipynb #0a42a6c5
 def evaluate(model, ds: ImageDataset, split: str = 'test', tta: bool = False, size=None, channels=None,
-             bs: int = 256, trained_on=None, temperature: float | None = None, views=None) -> Evaluation:
+             bs: int = 256, trained_on=None, temperature: float | None = None, views=None, conformal: dict | None = None) -> Evaluation:
     """Evaluate `model` (Learner or module) on `split` of `ds`, its probabilities at `temperature` (default: the model's fitted one, else 1);
-    `tta` averages `views` (default: those of the policy the model was trained with; 8 dihedral views for a model without one)."""
+    `tta` averages `views` (default: those of the policy the model was trained with; 8 dihedral views for a model without one).
+    With prediction sets (`conformal`, default: the model's own when its own temperature is used) the metrics hold their coverage and size per level."""
     meta = getattr(model, 'biovis', None) or {}
     trained_on = trained_on or meta.get('dataset', {}).get('train_splits', ['train'])
     if split in trained_on: raise ValueError(f'refusing to evaluate on {split!r}: the model was trained on it')
@@ -133,6 +135,7 @@ def evaluate(model, ds: ImageDataset, split: str = 'test', tta: bool = False, si
     t = float(temperature if temperature is not None else (meta.get('calibration') or {}).get('temperature', 1.0))
     views = views if views is not None else policy_from_dict(meta.get('policy')).tta_views
     m, probs = calibrated_metrics(y, lambda t: predict_proba(net, x, bs=bs, tta=tta, temperature=t, views=views), t, ds.classes)
+    m.update(set_metrics(y, probs, conformal if conformal is not None else meta.get('conformal') if temperature is None else None, tta))
     return Evaluation(m, list(ds.classes), y, probs, split, tta, ds.version)
 
 # %% ../nbs/04_evaluate.ipynb #66671028

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import get_device
+from .core import get_device, get_settings
 from .images import read_image, to_model_input, MAX_BYTES
 from .errors import InvalidImageError, RegistryError
 from .policy import policy_from_dict
+from .conformal import prediction_set, threshold_for
 from .models import create_model, predict_proba
 from .registry import ModelRegistry
 from .kinds import BaseKind, register_kind
@@ -29,12 +30,14 @@ __all__ = ['TURBO_LUT', 'Prediction', 'fuse_conv_bn', 'Predictor', 'gradcam', 'c
 # %% ../nbs/06_inference.ipynb #4d2db1e3
 @dataclass
 class Prediction:
-    "One image's prediction: class, index, probabilities per class, model name and version."
+    "One image's prediction: class, index, probabilities per class, model name and version, prediction set and `refer` flag."
     label: str
     index: int
     probs: dict
     model: str
     version: str
+    set: list | None = None          # the prediction set at the serving level, most probable first; None: the model has none
+    refer: bool | None = None        # the set holds more than one class
 
     @property
     def confidence(self) -> float: return self.probs[self.label]
@@ -103,9 +106,17 @@ class Predictor(BaseKind):
         return predict_proba(self.model, self._preprocess_all(srcs), bs=self.batch_size, tta=self.tta, device=self.device, views=self.views,
                              temperature=self.temperature)
 
+    @property
+    def set_threshold(self) -> float | None:
+        "The APS threshold of this Predictor's sets: the serving level (`conformal_level`, default the setting `BIOVIS_CONFORMAL_LEVEL`) for its plain or TTA probabilities; None for a model without sets."
+        if self.__dict__.get('conformal_level') is None: self.conformal_level = get_settings().conformal_level    # read once
+        return threshold_for(self.meta.get('conformal'), self.conformal_level, self.tta)
+
     def _wrap(self, p) -> Prediction:
         i = int(p.argmax())
-        return Prediction(self.classes[i], i, {c: float(q) for c, q in zip(self.classes, p)}, self.name, self.version)
+        s = prediction_set(p, self.set_threshold, self.classes)
+        return Prediction(self.classes[i], i, {c: float(q) for c, q in zip(self.classes, p)}, self.name, self.version,
+                          s, None if s is None else len(s) > 1)
 
     def predict(self, src) -> Prediction:
         "Classify one input."

@@ -26,10 +26,11 @@ from .core import set_seed, get_device, get_logger
 from .data import ImageDataset, load_dataset
 from .policy import DataPolicy, policy_for, resolve_policy
 from .models import ARCHS, create_model, set_normalization, predict_logits, predict_proba, temper
+from .conformal import CONFORMAL_LEVELS, calibrate_conformal
 
 # %% auto #0
 __all__ = ['ArrayDataset', 'ArrayDL', 'make_dls', 'random_affine', 'color_jitter', 'PolicyAug', 'nll', 'fit_temperature',
-           'calibrate', 'train']
+           'calibrate', 'calibrate_sets', 'train']
 
 # %% ../nbs/03_train.ipynb #67c3bd46
 class ArrayDataset:
@@ -137,6 +138,17 @@ def calibrate(logits_of, ds: ImageDataset, split: str | None = 'valid', train_sp
 
 
 
+# %% ../nbs/03_train.ipynb #8d6d779a
+def calibrate_sets(probs_of, ds: ImageDataset, split: str | None = 'valid', train_splits=('train',), size=None, channels=None,
+                   levels=CONFORMAL_LEVELS) -> dict | None:
+    "A model's `conformal` metadata: APS thresholds per level for its `plain` and `tta` probabilities of `split` (`probs_of(x, tta)`, as the `Predictor` computes them); None when `split` is None, empty or trained on."
+    if split is None or split in train_splits: return None
+    x, y = ds.tensors(split, size, channels)
+    if not len(y): return None
+    th = {mode: calibrate_conformal(probs_of(x, mode == 'tta'), y, levels) for mode in ('plain', 'tta')}
+    return dict(method='aps', randomized=False, score='probability mass ranked above the class', library='crepes',
+                fitted_on=split, n=int(len(y)), levels=list(levels), thresholds=th)
+
 # %% ../nbs/03_train.ipynb #b38f115d
 def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float = 4e-3, bs: int = 128,
           size: int | None = None, seed: int = 42, pretrained: bool = True, wd: float = 5e-4,
@@ -145,7 +157,7 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
           deterministic: bool = True, cbs: list | None = None, calibrate_on: str | None = 'valid',
           policy: DataPolicy | str | None = None) -> Learner:
     """Train `arch` on `ds` with fastai (extra fastai callbacks in `cbs`); returns the `Learner` with the best validation epoch restored
-    and its temperature fitted on `calibrate_on`. `policy` (a `DataPolicy` or a modality name; default: the data set's own) sets the augmentation."""
+    and its temperature and prediction sets calibrated on `calibrate_on`. `policy` (a `DataPolicy` or a modality name; default: the data set's own) sets the augmentation."""
     log = get_logger('train')
     if arch not in ARCHS: raise ValueError(f'unknown architecture {arch!r}; choose one of {sorted(ARCHS)}')
     set_seed(seed, deterministic)
@@ -183,6 +195,9 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
     best = learn.recorder.values
     cal = calibrate(lambda x: predict_logits(learn.model, x), ds, calibrate_on, train_splits, size, channels)
     log.info('calibration: temperature %.4f (%s)', cal['temperature'], cal.get('note') or f"NLL on {calibrate_on} {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}")
+    conf = calibrate_sets(lambda x, tta: predict_proba(learn.model, x, tta=tta, temperature=cal['temperature'], views=policy.tta_views),
+                          ds, calibrate_on, train_splits, size, channels)
+    log.info('prediction sets: %s', f"APS thresholds on {conf['fitted_on']} (n={conf['n']}): {conf['thresholds']['plain']}" if conf else 'none (no held-out split)')
     learn.biovis = dict(arch=arch, classes=list(ds.classes), input_size=list(size), channels=channels,
                         preprocessing=dict(resize='PIL bilinear', scale='1/255', normalize='inside the model'),
                         dataset=dict(name=ds.name, version=ds.version, source=ds.source, train_splits=list(train_splits),
@@ -191,5 +206,5 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
                                       label_smoothing=label_smoothing, augment=augment, pretrained=pretrained and ARCHS[arch].pretrained,
                                       seconds=round(secs, 2), device=str(device),
                                       best_valid_accuracy=float(max(v[2] for v in best)) if best else None),
-                        calibration=cal, policy=policy.to_dict())
+                        calibration=cal, conformal=conf, policy=policy.to_dict())
     return learn

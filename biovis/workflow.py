@@ -19,6 +19,7 @@ from .train import train
 from .evaluate import Evaluation, evaluate, plot_confusion, plot_reliability, plot_per_class, plot_top_losses
 from .registry import ModelRegistry, model_card
 from .inference import Predictor
+from .conformal import describe_set
 
 # %% auto #0
 __all__ = ['train_and_register', 'write_report', 'quickstart']
@@ -112,6 +113,10 @@ def quickstart(data=None, name: str | None = None, arch: str = 'cnn_small', epoc
         f'macro F1 {ev.metrics["macro_f1"]:.4f}, ECE {ev.metrics["ece"]:.4f} (n={ev.metrics["n"]}, TTA)')
     say(f'      probabilities at temperature {ev.metrics["temperature"]:.3f} (fitted on valid): '
         f'ECE {ev.metrics["ece_uncalibrated"]:.4f} -> {ev.metrics["ece"]:.4f}, NLL {ev.metrics["nll_uncalibrated"]:.4f} -> {ev.metrics["nll"]:.4f}')
+    m = ev.metrics
+    if 'conformal_coverage_90' in m:
+        say(f"      prediction sets (calibrated on valid): 90% sets cover {m['conformal_coverage_90']:.3f} of test, mean size "
+            f"{m['conformal_set_size_90']:.2f}; 95% sets cover {m.get('conformal_coverage_95', float('nan')):.3f}, mean size {m.get('conformal_set_size_95', float('nan')):.2f}")
     say(f'      registered {name} {version} in {reg.root} and promoted it to production')
     out = Path(reports_dir or get_settings().reports_dir)/'quickstart'/datetime.now().strftime('%Y%m%d-%H%M%S')
     (out/'samples').mkdir(parents=True, exist_ok=True)
@@ -125,7 +130,7 @@ def quickstart(data=None, name: str | None = None, arch: str = 'cnn_small', epoc
     preds = []
     for f, i, p in zip(files, pick, pred.predict_batch(files)):
         preds.append(dict(file=f.name, actual=ds.classes[yt[i]], label=p.label, confidence=p.confidence, img=_img_tag(xt[i])))
-        say(f'      {f.name}: {p.label:<22} p={p.confidence:.3f}  (actual: {ds.classes[yt[i]]})')
+        say(f'      {f.name}: {p.label:<22} p={p.confidence:.3f}  (actual: {ds.classes[yt[i]]})' + (f'  set: {describe_set(p.set)}' if p.refer else ''))
     meta = reg.metadata(name, version)
     report = write_report(out, ev, meta, images=xt, predictions=preds, title=f'biovis quickstart: {name} {version}')
     say(f'[5/5] report: {report}')

@@ -91,3 +91,16 @@ def pg_server():
     srv = PgCluster()
     yield srv
     srv.stop()
+
+
+# --- how the two xdist workers share the suite -------------------------------------------------------------------
+
+PER_TEST = {'test_notebooks.py'}     # independent tests (one notebook run each): spread one by one over the workers
+
+
+def pytest_collection_modifyitems(config, items):
+    """With `--dist loadgroup` (pyproject.toml), each test file stays whole on one worker, so its module fixtures (a trained
+    model, a fleet of servers, a built docs site) are made once; the notebook runs, each independent and some long, go to
+    whichever worker is free."""
+    for item in items:
+        if item.path.name not in PER_TEST: item.add_marker(pytest.mark.xdist_group(item.path.name))

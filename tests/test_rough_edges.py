@@ -58,10 +58,10 @@ def _headers(page):
 
 def test_tables_show_their_headers_before_the_first_upload(page):
     "Rough edge: 'All uploaded images' showed headers 1 2 3 until something was classified; so did Batch and History."
-    assert _headers(page) == ['id', 'file', 'predicted', 'p']
+    assert _headers(page) == ['id', 'file', 'predicted', 'p', 'set']
     page.get_by_role('tab', name='Batch').click()
     page.wait_for_timeout(500)
-    assert _headers(page) == ['id', 'file', 'predicted', 'p']
+    assert _headers(page) == ['id', 'file', 'predicted', 'p', 'set']
     page.get_by_role('tab', name='History').click()
     page.wait_for_timeout(500)
     assert _headers(page) == ['id', 'time', 'file', 'predicted', 'model', 'feedback']

@@ -118,3 +118,31 @@ def test_no_acknowledged_row_lost_when_a_host_is_killed_mid_load(fleet):
     assert {code for _, code in run.refused} <= {502, 503, 504}, run.refused
     shas = db_rows(fleet['db'], "SELECT DISTINCT image_sha FROM predictions WHERE filename LIKE 'load-%'")
     assert len(shas) > 0 and [s for (s,) in shas if not list(fleet['uploads'].glob(f'{s[:2]}/{s}.*'))] == []
+
+
+def test_held_correction_waits_for_a_second_reviewer_on_any_host(fleet):
+    "A correction to a class the model gives under 2 % is held (made through A); only another admin may confirm it (through B)."
+    a, b = fleet['hosts']
+    ana, root = token(a.url, 'ana'), token(b.url, 'root')
+    for img, _ in fleet['cells']:                        # a cell on which the model is sure enough that some class is under 2 %
+        pred = httpx.post(a.url + '/predict', files={'files': ('h.png', img, 'image/png')}, headers=ana, timeout=60).json()['predictions'][0]
+        unlikely = min(pred['probs'], key=pred['probs'].get)
+        if pred['probs'][unlikely] < 0.02: break
+    else: pytest.fail('no cell with a class under 2 %')
+    r = httpx.post(a.url + '/feedback', json=dict(prediction_id=pred['id'], label=unlikely, note='slip?'), headers=ana, timeout=60)
+    assert r.status_code == 200 and r.json()['status'] == 'held' and 'second reviewer' in r.json()['review'], r.text
+    fid = r.json()['feedback_id']
+    assert httpx.get(b.url + '/feedback/held', headers=token(b.url, 'ana'), timeout=30).status_code == 403      # not an admin
+    held = httpx.get(b.url + '/feedback/held?limit=1000', headers=root, timeout=30).json()['held']
+    assert fid in [h['feedback_id'] for h in held] and [h for h in held if h['feedback_id'] == fid][0]['correct_label'] == unlikely
+    assert db_rows(fleet['db'], f'SELECT status FROM feedback WHERE id = {fid}') == [('held',)]
+    assert httpx.post(b.url + f'/feedback/{fid}/review', json=dict(decision='confirm'), headers=ana, timeout=30).status_code == 403
+    assert httpx.post(b.url + f'/feedback/{fid}/review', json=dict(decision='maybe'), headers=root, timeout=30).status_code == 400
+    r = httpx.post(b.url + f'/feedback/{fid}/review', json=dict(decision='confirm'), headers=root, timeout=30)
+    assert r.status_code == 200 and r.json()['status'] == 'confirmed' and r.json()['reviewed_by'] == 'root', r.text
+    assert httpx.post(a.url + f'/feedback/{fid}/review', json=dict(decision='reject'), headers=token(a.url, 'root'), timeout=30).status_code == 409
+    # an admin's own held correction needs another admin
+    r = httpx.post(b.url + '/feedback', json=dict(prediction_id=pred['id'], label=unlikely, note='mine'), headers=root, timeout=60)
+    assert r.json()['status'] == 'held'
+    r = httpx.post(b.url + f"/feedback/{r.json()['feedback_id']}/review", json=dict(decision='confirm'), headers=root, timeout=30)
+    assert r.status_code == 403 and 'someone else' in r.text

@@ -86,6 +86,7 @@ def cmd_evaluate(a):
 # %% ../../nbs/98a_commands.models.ipynb #3f428126
 def cmd_predict(a):
     "Classify image files with a registered classifier (any backend: `load_predictor` picks the class)."
+    from biovis.conformal import describe_set
     from biovis.kinds import load_predictor
     from biovis.data import InvalidImageError
     p = load_predictor(a.model, a.version, registry=registry_of(a), tta=a.tta)
@@ -96,7 +97,8 @@ def cmd_predict(a):
             bad += 1; print(json.dumps(dict(file=f, error=str(e))) if a.json else f'{f}: ERROR {e}', file=sys.stderr if not a.json else sys.stdout)
             continue
         if a.json: print(json.dumps(dict(file=f, **r.to_dict())))
-        else: print(f'{f}: {r.label} (p={r.confidence:.3f})  ' + ', '.join(f'{c} {q:.3f}' for c, q in r.top(3)[1:]) + f'  [{r.model} {r.version}]')
+        else: print(f'{f}: {r.label} (p={r.confidence:.3f})  ' + ', '.join(f'{c} {q:.3f}' for c, q in r.top(3)[1:]) + f'  [{r.model} {r.version}]'
+                    + (f'  set: {describe_set(r.set)}' if getattr(r, 'refer', False) else ''))
     if bad: return EXIT_BAD_INPUT
 
 # %% ../../nbs/98a_commands.models.ipynb #7c0af91e

@@ -7,19 +7,22 @@ from __future__ import annotations
 from sqlalchemy import select
 from fastcore.basics import patch
 
-from ..errors import ConflictError
+from ..errors import ConflictError, NotFoundError
 from .db import (FeedbackError, FeedbackPermissionError, FeedbackRecord, PredictionRecord, _iso, _utcnow,
                                 _text, _opt_user)
 from .store import FeedbackStore, USABLE
 
 # %% auto #0
-__all__ = ['REVIEW_DECISIONS', 'NotHeldError', 'hold_reason']
+__all__ = ['REVIEW_DECISIONS', 'NotHeldError', 'UnknownFeedbackError', 'hold_reason']
 
 # %% ../../nbs/10e_feedback.review.ipynb #b42b33f9
 REVIEW_DECISIONS = {'confirm': 'confirmed', 'reject': 'rejected'}
 
-class NotHeldError(FeedbackError, ConflictError):
-    "A review of a correction that is not waiting for one."
+class NotHeldError(ConflictError, FeedbackError):
+    "A review of a correction that is not waiting for one (HTTP 409)."
+
+class UnknownFeedbackError(NotFoundError, FeedbackError):
+    "No feedback with that id (HTTP 404)."
 
 def hold_reason(probs: dict, label: str, below: float) -> str | None:
     "Why a correction to `label` should wait for a second reviewer, given the model's probabilities `probs`; None if it need not."
@@ -53,7 +56,7 @@ def review_feedback(self: FeedbackStore, feedback_id: int, decision: str, review
     except (TypeError, ValueError): raise FeedbackError(f'{feedback_id!r:.40} is not a feedback id') from None
     def tx(s):
         f = s.get(FeedbackRecord, fid)
-        if f is None: raise FeedbackError(f'no feedback with id {fid}')
+        if f is None: raise UnknownFeedbackError(f'no feedback with id {fid}')
         if f.status != 'held': raise NotHeldError(f'feedback {fid} is {f.status}, not held for review')
         if f.user is not None and f.user == reviewer:
             raise FeedbackPermissionError(f'feedback {fid} was given by {reviewer}: a second reviewer must be someone else')

@@ -16,7 +16,7 @@ from .metrics import MetricsMiddleware
 from .segment import add_seg_routes
 from .service import PredictionService
 # FastAPI reads the routes' annotations from this module's globals, so its names are imported here
-from fastapi import FastAPI, Request, Form, Depends, HTTPException
+from fastapi import Body, FastAPI, Request, Form, Depends, HTTPException
 
 # %% auto #0
 __all__ = ['create_app']
@@ -98,14 +98,29 @@ def _add_history_routes(app, service, user_of):
     def delete(prediction_id: str, u=Depends(user_of)):
         return service.store.delete_prediction(prediction_id, user=user_name(u), is_admin=is_admin(u))
 
+def _second_reviewer(u):
+    "A second review needs to know who reviews: a logged-in admin (with auth off there is no one to tell apart)."
+    if u is None: raise HTTPException(403, 'reviewing held corrections needs login: start the server with --auth')
+    if not is_admin(u): raise HTTPException(403, 'admins only')
+
 def _add_admin_routes(app, service, user_of, metrics_guard):
-    "`GET /models` (admins) and `GET /metrics` (Prometheus; behind `metrics_guard`)."
+    "`GET /models` (admins), the review of held corrections (admins) and `GET /metrics` (Prometheus; behind `metrics_guard`)."
     from fastapi.responses import Response
     from prometheus_client import CONTENT_TYPE_LATEST
     @app.get('/models', summary='registered models and versions (admin)')
     def models(u=Depends(user_of)):
         if not is_admin(u): raise HTTPException(403, 'admins only')
         return {'served': service.pool.versions(), 'registry': service.pool.registry.list()}
+
+    @app.get('/feedback/held', summary='corrections waiting for a second reviewer (admin)')
+    def held(model: str | None = None, limit: int = 100, u=Depends(user_of)):
+        _second_reviewer(u)
+        return {'held': service.store.held_feedback(model=model, limit=min(max(limit, 1), 1000))}
+
+    @app.post('/feedback/{feedback_id}/review', summary="confirm or reject a held correction (an admin who did not make it)")
+    def review(feedback_id: int, body: dict = Body(...), u=Depends(user_of)):
+        _second_reviewer(u)
+        return service.store.review_feedback(feedback_id, str(body.get('decision')), user_name(u))
 
     @app.get('/metrics', summary='Prometheus metrics (admins, unless public_metrics)')
     def metrics(_=Depends(metrics_guard)):

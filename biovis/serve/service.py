@@ -14,7 +14,7 @@ from ..data import read_image, to_model_input
 from ..images import probe_image
 from ..errors import InvalidImageError, InvalidRequestError, RegistryError
 from ..registry import kind_of
-from ..feedback import FeedbackStore, UnknownPredictionError
+from ..feedback import FeedbackStore, UnknownPredictionError, hold_reason
 from ..inference import overlay
 from ..drift import drift_features
 from .limits import RateLimiter
@@ -28,6 +28,9 @@ __all__ = ['INLINE_DECODE_PIXELS', 'predicts_for', 'PredictionService']
 # %% ../../nbs/12_serve.service.ipynb #2094d7d5
 INLINE_DECODE_PIXELS = 128 * 128     # images up to this many pixels are decoded on the event loop (a 28-px PNG: about 0.05 ms)
 _PREDICT_BY_KIND = {}
+_ANSWER_ONLY = ('set', 'refer')      # in the answer, not in the store (made again from the stored probabilities)
+
+def _stored(row: dict) -> dict: return {k: v for k, v in row.items() if k not in _ANSWER_ONLY}
 
 def predicts_for(predictor_class: type):
     "Register `fn(service, pred, data, filename, user, t0) -> dict` as how the service predicts with a `predictor_class` (or subclass)."
@@ -85,7 +88,7 @@ class PredictionService:
         for data, _ in items:
             try: shas.append(self.store.save_image(data))
             except Exception as e: shas.append(e)
-        ids = iter(self.store.log_predictions([dict(row, image_sha=s) for s, (_, row) in zip(shas, items) if isinstance(s, str)]))
+        ids = iter(self.store.log_predictions([dict(_stored(row), image_sha=s) for s, (_, row) in zip(shas, items) if isinstance(s, str)]))
         out = []
         for s in shas:
             i = s if isinstance(s, Exception) else next(ids)
@@ -110,12 +113,12 @@ class PredictionService:
         probs, feats = out
         p = pred._wrap(probs)
         return dict(model=pred.name, version=pred.version, label=p.label, probs=p.probs, user=user, filename=filename,
-                    embedding=feats, latency_ms=(time.perf_counter() - t0) * 1e3)
+                    embedding=feats, latency_ms=(time.perf_counter() - t0) * 1e3, set=p.set, refer=p.refer)
 
     def _answer(self, row: dict, pid: str, sha: str) -> dict:
         self.metrics.predictions.labels(row['model'], row['label']).inc()
-        return dict(id=pid, label=row['label'], probs=row['probs'], model=row['model'], version=row['version'],
-                    latency_ms=round(row['latency_ms'], 3), filename=row['filename'], image_sha256=sha)
+        return dict(id=pid, label=row['label'], probs=row['probs'], set=row.get('set'), refer=row.get('refer'), model=row['model'],
+                    version=row['version'], latency_ms=round(row['latency_ms'], 3), filename=row['filename'], image_sha256=sha)
 
     def predict(self, data: bytes, filename: str | None = None, model: str | None = None, user: str | None = None) -> dict:
         "Validate, classify, store and log one upload; returns the JSON-ready prediction with its id."
@@ -185,9 +188,12 @@ class PredictionService:
         if task not in (None, 'classification'):
             raise InvalidRequestError(f'prediction {prediction_id} is from a {task} model ({model}): correct it with its own route, not a label')
         classes = self.pool.get(model).classes if model in self.pool.names else None
-        fid = self.store.add_feedback(prediction_id, label, note=note, classes=classes, **self.may_write(user))
+        held = hold_reason(p.get('probs') or {}, label, self._settings.hold_below)      # a likely slip waits for a second reviewer
+        fid = self.store.add_feedback(prediction_id, label, note=note, classes=classes, held=held, **self.may_write(user))
         self.metrics.feedback.labels(model or '?').inc()
-        return dict(status='saved', feedback_id=fid, prediction_id=prediction_id, label=label)
+        out = dict(status='held' if held else 'saved', feedback_id=fid, prediction_id=prediction_id, label=label)
+        if held: out['review'] = f'held for a second reviewer before retraining uses it: {held}'
+        return out
 
     def explain(self, data_or_img, model: str | None = None):
         "Grad-CAM overlay (H x W x 3 uint8) for one image."

@@ -16,6 +16,7 @@ import gradio as gr   # this module is the UI: it is imported only when the serv
 from ..core import get_settings
 from ..errors import InvalidImageError, InvalidInputError
 from ..inference import overlay
+from ..conformal import describe_set
 from .segment import seg_tab
 
 # %% auto #0
@@ -32,7 +33,7 @@ def _display_size(a: np.ndarray, min_side: int = 256) -> np.ndarray:
     k = max(1, -(-min_side // min(a.shape[:2])))
     return a.repeat(k, 0).repeat(k, 1) if k > 1 else a
 
-TABLE_COLUMNS = ['id', 'file', 'predicted', 'p']
+TABLE_COLUMNS = ['id', 'file', 'predicted', 'p', 'set']     # set: the prediction set, 'neutrophil or band form: refer'
 HISTORY_COLUMNS = ['id', 'time', 'file', 'predicted', 'model', 'feedback']
 
 def _table(rows=(), columns=TABLE_COLUMNS) -> pd.DataFrame:
@@ -57,14 +58,14 @@ def _gradcam(service, data, model=None) -> dict:
     return dict(heat=heat, img=img)
 
 def classify_files(service, files, model=None, request=None, alpha: float = 0.5):
-    "Classify uploaded files: (label dict of the first, Grad-CAM panel, info markdown, table, prediction ids, Grad-CAM state)."
+    "Classify uploaded files: (label dict of the first, Grad-CAM panel, info markdown with its prediction set, table, prediction ids, Grad-CAM state)."
     if not files: return None, None, 'Upload an image first.', _table(), [], None
     rows, ids, first, cam, msgs = [], [], None, None, []
     for f in files:
         name = Path(f).name
         try: r = service.predict(_read(f), filename=name, model=model, user=_user(request))
         except InvalidImageError as e: msgs.append(f'**{name}** was not classified: {e}'); continue
-        rows.append(dict(id=r['id'], file=name, predicted=r['label'], p=round(r['probs'][r['label']], 4)))
+        rows.append(dict(id=r['id'], file=name, predicted=r['label'], p=round(r['probs'][r['label']], 4), set=describe_set(r.get('set'))))
         ids.append(r['id'])
         if first is None:
             first = r
@@ -73,6 +74,7 @@ def classify_files(service, files, model=None, request=None, alpha: float = 0.5)
     if first is None: return None, None, '\n\n'.join(msgs) or 'Nothing to classify.', _table(), [], None
     info = (f"**{first['label']}** (p = {first['probs'][first['label']]:.3f}) · model **{first['model']} {first['version']}** · "
             f"prediction id `{first['id']}`")
+    if first.get('set'): info += f"\n\n{get_settings().conformal_level:.0%} prediction set: **{describe_set(first['set'])}**"
     if msgs: info += '\n\n' + '\n\n'.join(msgs)
     return first['probs'], recolour(cam, alpha), info, _table(rows), ids, cam
 
