@@ -335,6 +335,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'biovis.dashboard.clear_cache': ('dashboard.html#clear_cache', 'biovis/dashboard.py'),
                                   'biovis.dashboard.embedding_figure': ('dashboard.html#embedding_figure', 'biovis/dashboard.py'),
                                   'biovis.dashboard.feedback_figure': ('dashboard.html#feedback_figure', 'biovis/dashboard.py'),
+                                  'biovis.dashboard.load_alias_history': ('dashboard.html#load_alias_history', 'biovis/dashboard.py'),
                                   'biovis.dashboard.load_drift': ('dashboard.html#load_drift', 'biovis/dashboard.py'),
                                   'biovis.dashboard.load_feedback': ('dashboard.html#load_feedback', 'biovis/dashboard.py'),
                                   'biovis.dashboard.load_models': ('dashboard.html#load_models', 'biovis/dashboard.py'),

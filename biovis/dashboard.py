@@ -19,10 +19,10 @@ from .registry import ModelRegistry, ALIASES
 from .drift import IMAGE_STATS
 
 # %% auto #0
-__all__ = ['LOADER_TTL', 'TEST_NAMES', 'cached', 'clear_cache', 'load_models', 'load_drift', 'load_feedback', 'load_sets',
-           'load_runs', 'load_ops', 'pvalue_figure', 'proportions_figure', 'project_2d', 'embedding_figure',
-           'stats_figure', 'feedback_figure', 'sets_figure', 'sets_summary', 'store_auth_provider', 'auth_required',
-           'build_dashboard', 'serve_dashboard']
+__all__ = ['LOADER_TTL', 'TEST_NAMES', 'cached', 'clear_cache', 'load_models', 'load_alias_history', 'load_drift',
+           'load_feedback', 'load_sets', 'load_runs', 'load_ops', 'pvalue_figure', 'proportions_figure', 'project_2d',
+           'embedding_figure', 'stats_figure', 'feedback_figure', 'sets_figure', 'sets_summary', 'store_auth_provider',
+           'auth_required', 'build_dashboard', 'serve_dashboard']
 
 # %% ../nbs/14_dashboard.ipynb #10c6e39a
 _CACHE, _CACHE_LOCK = {}, threading.Lock()
@@ -56,6 +56,13 @@ def load_models(models_dir=None) -> pd.DataFrame:
     rows = ModelRegistry(models_dir).list()
     cols = ['name', 'version', 'aliases', 'created', 'arch', 'accuracy', 'auc', 'dataset']
     return pd.DataFrame(rows, columns=cols)
+
+def load_alias_history(model: str, models_dir=None, n: int = 20) -> pd.DataFrame:
+    "The last `n` alias moves of `model`, newest first: when, what, who, why, and the metric of the version it points to."
+    ev = ModelRegistry(models_dir).history(model)[-n:][::-1] if model else []
+    rows = [dict(time=e['time'], action=e['action'], alias=e['alias'], to=e['version'] or '-', previous=e['previous'] or '-',
+                 accuracy=e['metrics'].get('accuracy', e['metrics'].get('dice')), by=e['by'], reason=e['reason']) for e in ev]
+    return pd.DataFrame(rows, columns=['time', 'action', 'alias', 'to', 'previous', 'accuracy', 'by', 'reason'])
 
 @cached()
 def load_drift(model: str, window: int = 200, models_dir=None, db_url=None) -> dict:
@@ -306,6 +313,10 @@ def build_dashboard(refresh_s: float = 30, models_dir=None, db_url=None, prometh
     def models_view(_):
         df = load_models(models_dir)
         return pn.widgets.Tabulator(df, disabled=True, show_index=False, height=min(400, 40 + 32 * len(df)), name='Model versions')
+    def history_view(model, _):
+        df = load_alias_history(model, models_dir)
+        return pn.pane.Markdown('No alias has moved yet.') if df.empty else \
+            pn.widgets.Tabulator(df, disabled=True, show_index=False, height=min(400, 40 + 32 * len(df)), name='Alias history')
     def runs_view(_):
         df = load_runs()
         return pn.pane.Markdown('No retraining runs yet (`reports/runs/`).') if df.empty else \
@@ -322,7 +333,9 @@ def build_dashboard(refresh_s: float = 30, models_dir=None, db_url=None, prometh
                       pn.Card(pn.panel(pn.bind(feedback_view, tick)), title='Feedback', collapsible=False),
                       pn.Card(pn.panel(pn.bind(sets_view, model, window, tick)), title='Prediction sets (refer): coverage and set sizes',
                               collapsible=False),
-                      pn.Card(pn.Column(pn.panel(pn.bind(models_view, tick)), pn.pane.Markdown('### Last retraining runs'),
+                      pn.Card(pn.Column(pn.panel(pn.bind(models_view, tick)),
+                                        pn.pane.Markdown('### Alias history (who moved production or candidate, when and why)'),
+                                        pn.panel(pn.bind(history_view, model, tick)), pn.pane.Markdown('### Last retraining runs'),
                                         pn.panel(pn.bind(runs_view, tick))), title='Model versions (aliases: production, candidate)',
                               collapsible=False)])
     if prom: tmpl.main.append(pn.Card(pn.panel(pn.bind(ops_view, tick)), title=f'Operations (Prometheus at {prom})', collapsible=False))

@@ -89,6 +89,7 @@ def test_dashboard_renders_in_headless_chromium(dashboard, tmp_path):
             page.get_by_text(t).first.wait_for(timeout=60000)
         page.get_by_text('20260101-000000').first.wait_for(timeout=60000)           # the retraining run
         # Panel draws inside shadow roots: Playwright's locators look into them (inner_text('body') would not)
+        page.get_by_text('Alias history (who moved production or candidate, when and why)').first.wait_for(timeout=60000)
         for t in ('blood v1', 'Drift detected in the last window.', 'production,candidate', 'cnn_small'):  # status, versions table
             page.get_by_text(t, exact=True).first.wait_for(timeout=60000)
         # the plots are drawn: Plotly made SVG traces for the p-values (4 tests + the detected-drift markers)
@@ -103,7 +104,7 @@ def test_dashboard_renders_in_headless_chromium(dashboard, tmp_path):
 
 
 def test_loaders_and_views_read_the_same_store(populated, monkeypatch):
-    from biovis.dashboard import clear_cache, load_drift, load_feedback, load_models, load_runs, pvalue_figure
+    from biovis.dashboard import clear_cache, load_alias_history, load_drift, load_feedback, load_models, load_runs, pvalue_figure
     home, models = populated
     url = f'sqlite:///{home}/data/biovis.db'
     clear_cache()
@@ -116,3 +117,6 @@ def test_loaders_and_views_read_the_same_store(populated, monkeypatch):
     assert 0 <= fb['accuracy_on_feedback'].dropna().iloc[-1] <= 1
     assert load_models(models)['aliases'].str.contains('production').any()
     assert load_runs(home/'reports').iloc[0]['candidate'] == 'v2'
+    h = load_alias_history('blood', models)                  # the registry's log: the session model was registered, then promoted
+    assert {'register', 'promote'} <= set(h['action']) and h['reason'].str.startswith('trained').any()
+    assert h['time'].is_monotonic_decreasing and load_alias_history('', models).empty
