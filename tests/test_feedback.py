@@ -534,3 +534,23 @@ def test_migrations_make_exactly_the_models_schema(db_url):
     FeedbackStore(db_url, uploads_dir='/nonexistent').close()
     with raw(db_url) as con:
         assert compare_metadata(MigrationContext.configure(con), Base.metadata) == []
+
+
+# --- the review queue -------------------------------------------------------------------------------------------
+
+def test_review_queue_is_uncertain_diverse_and_skips_reviewed(store):
+    "Ten copies of one coin-toss image and ten different, less uncertain ones: uncertainty alone would queue the copies; the queue takes one."
+    from biovis.feedback.queue import margin_uncertainty
+    sha = store.save_image(png(70))
+    rng = np.random.default_rng(1)
+    dup = [store.log_prediction('blood', 'v1', sha, 'blast', dict(normal=0.5, blast=0.5), user='ana', embedding=[1.0] * 4)
+           for _ in range(10)]
+    other = [store.log_prediction('blood', 'v1', sha, 'blast', dict(normal=0.3 - 0.01 * i, blast=0.7 + 0.01 * i), user='bo',
+                                  embedding=(rng.normal(size=4) * 5).tolist()) for i in range(10)]
+    by_uncertainty = sorted(store.predictions(), key=lambda p: -margin_uncertainty(p['probs']))[:5]
+    assert {p['id'] for p in by_uncertainty} <= set(dup)                     # what the textbook rule would pick
+    q = [r['prediction_id'] for r in store.review_queue(k=5)]
+    assert len(q) == 5 and len(set(q) & set(dup)) == 1 and q[0] in dup        # the most uncertain first, then the others
+    store.add_feedback(q[1], 'normal')
+    assert q[1] not in [r['prediction_id'] for r in store.review_queue(k=30)]
+    assert {r['prediction_id'] for r in store.review_queue(k=30, user='bo')} == set(other) - {q[1]}

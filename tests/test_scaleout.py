@@ -146,3 +146,16 @@ def test_held_correction_waits_for_a_second_reviewer_on_any_host(fleet):
     assert r.json()['status'] == 'held'
     r = httpx.post(b.url + f"/feedback/{r.json()['feedback_id']}/review", json=dict(decision='confirm'), headers=root, timeout=30)
     assert r.status_code == 403 and 'someone else' in r.text
+
+
+def test_review_queue_through_the_balancer(fleet):
+    "GET /review/next: unreviewed predictions only, the caller's own for a clinician, everyone's for an admin."
+    ana, root = token(fleet['hosts'][0].url, 'ana'), token(fleet['hosts'][1].url, 'root')
+    q = httpx.get(fleet['lb'].url + '/review/next?n=5', headers=ana, timeout=60).json()['queue']
+    assert 0 < len(q) <= 5 and len({r['prediction_id'] for r in q}) == len(q)
+    ids = "','".join(r['prediction_id'] for r in q)
+    assert db_rows(fleet['db'], f"SELECT count(*) FROM feedback WHERE prediction_id IN ('{ids}')") == [(0,)]
+    assert db_rows(fleet['db'], f"SELECT DISTINCT username FROM predictions WHERE id IN ('{ids}')") == [('ana',)]
+    everyone = httpx.get(fleet['lb'].url + '/review/next?n=100', headers=root, timeout=60).json()['queue']
+    unreviewed = db_rows(fleet['db'], "SELECT count(*) FROM predictions p WHERE NOT EXISTS (SELECT 1 FROM feedback f WHERE f.prediction_id = p.id)")[0][0]
+    assert len(q) <= len(everyone) <= min(100, unreviewed)          # copies of one image are queued once

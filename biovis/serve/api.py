@@ -87,12 +87,17 @@ def _add_feedback_route(app, service, user_of):
 
 # %% ../../nbs/12_serve.api.ipynb #ec8c9db9
 def _add_history_routes(app, service, user_of):
-    "`GET /history` (the caller's; admins: everyone's) and `DELETE /history/{id}`."
+    "`GET /history` (the caller's; admins: everyone's), `GET /review/next` (what to confirm next) and `DELETE /history/{id}`."
     @app.get('/history', summary="the caller's past predictions with their feedback (admins: everyone's)")
     def history(limit: int = 100, all: bool = False, u=Depends(user_of)):
         if all and not is_admin(u): raise HTTPException(403, 'only admins see everyone\'s history')
         who = None if (not u or all) else user_name(u)
         return {'history': service.store.history(who, limit=min(max(limit, 1), 1000))}
+
+    @app.get('/review/next', summary='the unreviewed predictions to confirm next: uncertain, and unlike each other and the reviewed ones')
+    def review_next(model: str | None = None, n: int = 10, u=Depends(user_of)):
+        who = None if (not u or is_admin(u)) else user_name(u)        # a clinician reviews what they may correct
+        return {'queue': service.store.review_queue(model=model, k=min(max(n, 1), 100), user=who)}
 
     @app.delete('/history/{prediction_id}', summary='delete an upload: its image, prediction and feedback')
     def delete(prediction_id: str, u=Depends(user_of)):
