@@ -55,15 +55,8 @@ def predictor(trained):
 
 def wait_until_up(proc, url: str, log_path, what: str = 'server', timeout: float = 120, poll: float = 0.3):
     "Wait until GET `url` answers 200; RuntimeError with the end of `log_path` if `proc` exits first, or after `timeout` s."
-    import httpx
-    t0 = time.time()
-    while True:
-        if proc.poll() is not None: raise RuntimeError(f'{what} died: {Path(log_path).read_text()[-3000:]}')
-        try:
-            if httpx.get(url, timeout=2).status_code == 200: return
-        except httpx.HTTPError: pass
-        if time.time() - t0 > timeout: raise RuntimeError(f'{what} did not start in {timeout:.0f} s')
-        time.sleep(poll)
+    from biovis.bench.fleet import wait_for
+    wait_for(url, proc, timeout=timeout, what=what, log=log_path, poll=poll)
 
 
 def stop_process(proc, log=None):

@@ -1,6 +1,6 @@
 """Conformal prediction sets ("refer" sets, issue 16) for real: the session's model trained on the shipped sample, its
 test split, a real `biovis serve` on a loopback port, and a real SQLite feedback store."""
-import io, math, os, socket, subprocess
+import io, math, os, subprocess
 from collections import Counter
 
 import httpx
@@ -73,9 +73,7 @@ def test_predictor_returns_set_and_refer(predictor, test_split, sample_ds):
     assert d['set'] == preds[0].set and d['refer'] == preds[0].refer
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+from biovis.bench.fleet import free_port as _free_port     # noqa: E402  (one definition, the fleet's)
 
 
 def test_biovis_serve_answers_with_set_and_refer(trained, predictor, test_split, tmp_path):

@@ -1,7 +1,7 @@
 """Observability of a fleet for real: two `biovis serve` hosts sharing one store and registry, a real Prometheus
 (Debian's `prometheus`) scraping them with deploy/prometheus's config and rules, promtool on those files, the
 Grafana board's queries against that Prometheus, the Panel dashboard's Operations view, and the compose files."""
-import io, json, math, os, re, shutil, socket, subprocess, time
+import io, json, math, os, re, shutil, subprocess, time
 from pathlib import Path
 
 import httpx
@@ -23,9 +23,7 @@ FB_THRESH = 2
 DRIFT_P = dict(softmax_ks=0.31, embedding_mmd=0.0009, image_stats_ks=2.5e-7, class_proportions_chi2=0.048)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+from biovis.bench.fleet import free_port as _free_port     # noqa: E402  (one definition, the fleet's)
 
 
 def _png(a):

@@ -23,7 +23,7 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
-def wait_for(url: str, proc=None, timeout: float = 120, what: str = 'server', log=None):
+def wait_for(url: str, proc=None, timeout: float = 120, what: str = 'server', log=None, poll: float = 0.2):
     "Wait until GET `url` answers 200; RuntimeError (with the end of `log`) if `proc` exits first or after `timeout` s."
     import httpx
     t0 = time.time()
@@ -34,7 +34,7 @@ def wait_for(url: str, proc=None, timeout: float = 120, what: str = 'server', lo
             if httpx.get(url, timeout=2).status_code == 200: return
         except httpx.HTTPError: pass
         if time.time() - t0 > timeout: raise RuntimeError(f'{what} did not answer {url} in {timeout:.0f} s')
-        time.sleep(0.2)
+        time.sleep(poll)
 
 # %% ../../nbs/09g_bench.fleet.ipynb #6b1dacfd
 def pg_bin() -> Path | None:
