@@ -9,7 +9,7 @@ import numpy as np
 from sqlalchemy import select
 from fastcore.basics import patch
 
-from .db import FeedbackRecord, MaskFeedbackRecord
+from .db import FeedbackRecord, MaskFeedbackRecord, PredictionRecord
 from .store import FeedbackStore
 
 # %% auto #0
@@ -38,6 +38,11 @@ def k_center_greedy(cands: np.ndarray, chosen: np.ndarray, k: int, weights: np.n
     return picks
 
 # %% ../../nbs/10f_feedback.queue.ipynb #b3e59015
+def _reviewed(s, ids: list) -> set:
+    "Which of the prediction `ids` have feedback (a correction, a confirmation or a corrected mask): they are reviewed."
+    a = set(s.scalars(select(FeedbackRecord.prediction_id).where(FeedbackRecord.prediction_id.in_(ids))))
+    return a | set(s.scalars(select(MaskFeedbackRecord.prediction_id).where(MaskFeedbackRecord.prediction_id.in_(ids))))
+
 @patch
 def review_queue(self: FeedbackStore, model: str | None = None, k: int = 10, pool: int = 200, recent: int = 2000,
                  user: str | None = None) -> list:
@@ -48,10 +53,7 @@ def review_queue(self: FeedbackStore, model: str | None = None, k: int = 10, poo
     if user is not None: preds = [p for p in preds if p['user'] in (None, user)]
     if not preds: return []
     ids = [p['id'] for p in preds]
-    def tx(s):
-        a = set(s.scalars(select(FeedbackRecord.prediction_id).where(FeedbackRecord.prediction_id.in_(ids))))
-        return a | set(s.scalars(select(MaskFeedbackRecord.prediction_id).where(MaskFeedbackRecord.prediction_id.in_(ids))))
-    reviewed = self._run(tx, write=False)
+    reviewed = self._run(lambda s: _reviewed(s, ids), write=False)
     todo = [p for p in preds if p['id'] not in reviewed]
     if not todo: return []
     u = np.array([margin_uncertainty(p['probs']) for p in todo])
@@ -72,3 +74,14 @@ def review_queue(self: FeedbackStore, model: str | None = None, k: int = 10, poo
     return [dict(prediction_id=todo[i]['id'], model=todo[i]['model'], version=todo[i]['version'], image_sha=todo[i]['image_sha'],
                  label=todo[i]['label'], probs=todo[i]['probs'], uncertainty=float(u[i]), created=todo[i]['created'])
             for i in order]
+
+# %% ../../nbs/10f_feedback.queue.ipynb #7b299a8a
+@patch
+def review_remaining(self: FeedbackStore, model: str | None = None, recent: int = 2000, user: str | None = None) -> int:
+    "How many predictions `review_queue` chooses from: the unreviewed ones among the `recent` newest (of `model`; with `user`, theirs and anonymous ones)."
+    q = select(PredictionRecord.id, PredictionRecord.user).order_by(PredictionRecord.created.desc(), PredictionRecord.id.desc())
+    if model is not None: q = q.where(PredictionRecord.model == model)
+    def tx(s):
+        ids = [i for i, u in s.execute(q.limit(max(0, int(recent)))) if user is None or u in (None, user)]
+        return len(set(ids) - _reviewed(s, ids)) if ids else 0
+    return self._run(tx, write=False)
