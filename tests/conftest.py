@@ -39,12 +39,28 @@ def sample_ds():
 
 @pytest.fixture(scope='session')
 def trained(tmp_path_factory, sample_ds):
-    "A model trained for a few epochs on the sample, registered and promoted: (registry, learner, evaluation)."
+    """A model trained for a few epochs on the sample, registered and promoted: (registry, learner, evaluation).
+    Trained once per test run: the first xdist worker to ask trains it under a file lock, the other loads what it saved (the
+    registry folder, the model with its `biovis` metadata, the evaluation). The learner is then the part the tests use:
+    `.model` and `.biovis`. Tests only read this registry (copy it to change it)."""
+    import pickle, types
+    import torch
+    from filelock import FileLock
     from biovis.registry import ModelRegistry
-    from biovis.workflow import train_and_register
-    reg = ModelRegistry(tmp_path_factory.mktemp('registry'))
-    learn, ev, v = train_and_register(sample_ds, name='blood', epochs=8, registry=reg, progress=False, promote='always')
-    return reg, learn, ev
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base      # the run's folder, above each worker's
+    d = shared/'trained-model'
+    with FileLock(str(shared/'trained-model.lock')):
+        if not (d/'done').exists():
+            from biovis.workflow import train_and_register
+            d.mkdir(exist_ok=True)
+            learn, ev, v = train_and_register(sample_ds, name='blood', epochs=8, registry=ModelRegistry(d/'registry'),
+                                              progress=False, promote='always')
+            torch.save(dict(model=learn.model, biovis=learn.biovis), d/'learner.pt')
+            (d/'evaluation.pkl').write_bytes(pickle.dumps(ev)); (d/'done').touch()
+    saved = torch.load(d/'learner.pt', weights_only=False)
+    learn = types.SimpleNamespace(model=saved['model'].eval(), biovis=saved['biovis'])
+    return ModelRegistry(d/'registry'), learn, pickle.loads((d/'evaluation.pkl').read_bytes())
 
 
 @pytest.fixture(scope='session')
@@ -87,13 +103,47 @@ def pg_server():
 
 
 # --- how the two xdist workers share the suite -------------------------------------------------------------------
+# `--dist loadfile` (pyproject.toml) with the scheduler below: each test file is one unit of work, run whole on one worker,
+# so its module fixtures (a fleet of servers, a built docs site) are made once; the notebook runs are independent and each is
+# its own unit. The units are handed out longest first (a rough cost per unit, in seconds on a quiet 2-core machine; the
+# rest count as short), so that no long one starts last while the other worker idles.
+# (Not `--dist loadgroup` with an xdist_group per file: with pytest 9.2, xdist 3.8 fails to group and spreads every test,
+# pytest-xdist issue 1386.)
 
-PER_TEST = {'test_notebooks.py'}     # independent tests (one notebook run each): spread one by one over the workers
+PER_TEST = {'test_notebooks.py'}
+COST = {'test_pipeline.py': 170, 'test_segment.py': 120, 'test_keras.py': 120, 'test_serve_auth.py': 110, 'test_serve.py': 110,
+        'test_registry.py': 90, 'test_segment_retrain.py': 75, 'test_docs.py': 75, 'test_scaleout.py': 70, 'test_conformal.py': 60,
+        'test_cli.py': 50, 'test_drift.py': 45, 'test_train.py': 45, 'test_review_ui.py': 45, 'test_observability.py': 40,
+        'test_policy.py': 35, 'test_audit.py': 30, 'test_rough_edges.py': 30,
+        '02_served_model_to_scheduled_retrain.ipynb': 120, '01_folder_to_served_model.ipynb': 50, '03_train.ipynb': 45,
+        '04_evaluate.ipynb': 30, '09i_bench.safety.ipynb': 25, '02_models.ipynb': 20}
+
+
+def _unit(nodeid: str) -> str:
+    "The unit of work of a test: its file, or itself for the independent notebook runs."
+    path = nodeid.split('::', 1)[0]
+    return nodeid if Path(path).name in PER_TEST else path
+
+
+def _cost(nodeid: str) -> float:
+    name = Path(nodeid.split('::', 1)[0]).name
+    nb = nodeid.rsplit('[', 1)[-1].rstrip(']') if name in PER_TEST else name
+    return COST.get(nb, 1)
+
+
+try:
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileOrNotebookScheduling(LoadFileScheduling):
+        "Each test file is one unit; each notebook run is its own."
+        def _split_scope(self, nodeid: str) -> str: return _unit(nodeid)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(config, log):
+        if config.getvalue('dist') == 'loadfile': return FileOrNotebookScheduling(config, log)
+except ImportError: pass      # without pytest-xdist everything runs in this process
 
 
 def pytest_collection_modifyitems(config, items):
-    """With `--dist loadgroup` (pyproject.toml), each test file stays whole on one worker, so its module fixtures (a trained
-    model, a fleet of servers, a built docs site) are made once; the notebook runs, each independent and some long, go to
-    whichever worker is free."""
-    for item in items:
-        if item.path.name not in PER_TEST: item.add_marker(pytest.mark.xdist_group(item.path.name))
+    "The longest units first (the order of the items is the order the scheduler hands the units out with `--no-loadscope-reorder`)."
+    items.sort(key=lambda it: -_cost(it.nodeid))          # stable: within a unit the file's own order
