@@ -12,13 +12,16 @@ __all__ = ['cmd_benchmark', 'add_commands']
 
 # %% ../../nbs/98g_commands.bench.ipynb #c126868e
 def cmd_benchmark(a):
-    "Run the benchmark the flags ask for (`--keras`, `--segmentation`, `--serving`, `--scaleout`; default: classification)."
+    "Run the benchmark the flags ask for (`--keras`, `--segmentation`, `--serving`, `--scaleout`, `--safety`; default: classification)."
     if a.keras:
         from biovis.bench.keras import keras_benchmark
         keras_benchmark(data=a.data, out_dir=a.out, budget_s=a.keras_budget, keras_arch=a.keras_arch); return
     if a.segmentation:
         from biovis.bench.segmentation import run_seg_benchmark
         run_seg_benchmark(out_dir=a.out, cf_budget_s=a.seg_budget, registry=registry_of(a)); return
+    if a.safety:
+        from biovis.bench.safety import safety_benchmark
+        safety_benchmark(data=a.data, out_dir=a.out, **({'epochs': a.epochs} if a.epochs else {})); return
     if a.scaleout:
         from biovis.bench.scaleout import scaleout_benchmark
         scaleout_benchmark(model=a.model, out_dir=a.out, registry=registry_of(a)); return
@@ -41,6 +44,8 @@ def add_commands(sub):
     b.add_argument('--serving', action='store_true', help='benchmark the demo server instead (reports/benchmarks/serving.json)')
     b.add_argument('--scaleout', action='store_true', help='PostgreSQL vs SQLite, 1 vs 2 hosts behind nginx, kill -9 under load '
                    '(reports/benchmarks/scaleout.json; needs postgresql, nginx, apache2-utils)')
+    b.add_argument('--safety', action='store_true', help='coverage of the prediction sets (BloodMNIST, PneumoniaMNIST), review queue vs '
+                   'random labels, label-audit recall (reports/benchmarks/safety.json; 15-25 minutes on 2 quiet cores)')
     b.add_argument('--model', default=None, help='with --serving or --scaleout: the registered model to serve (default: the first)')
     b.add_argument('--segmentation', action='store_true', help='CrackForest and ISBI 2012 segmentation (reports/benchmarks/segmentation.json)')
     b.add_argument('--seg-budget', type=float, default=780, help='with --segmentation: CrackForest training budget in seconds')
