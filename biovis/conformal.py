@@ -14,30 +14,44 @@ import numpy as np
 from .core import CONFORMAL_LEVELS
 
 # %% auto #0
-__all__ = ['aps_scores', 'prediction_sets', 'prediction_set', 'describe_set', 'level_key', 'conformal_threshold',
-           'calibrate_conformal', 'threshold_for', 'set_metrics', 'card_line', 'production_coverage']
+__all__ = ['METHOD', 'aps_scores', 'lac_scores', 'prediction_sets', 'prediction_set', 'is_referred', 'describe_set', 'level_key',
+           'conformal_threshold', 'class_thresholds', 'calibrate_conformal', 'threshold_for', 'set_metrics',
+           'card_line', 'production_coverage', 'recalibrate']
 
 # %% ../nbs/02a_conformal.ipynb #5b1119f3
+METHOD = 'lac-mondrian'      # the sets' method as the metadata records it; models calibrated before carry 'aps'
+
 def aps_scores(probs) -> np.ndarray:
-    "The APS non-conformity score of every class (N x classes, float64): the probability mass on the classes ranked strictly above it (0 for the top class)."
+    "The deterministic APS score of every class (N x classes): the probability mass ranked strictly above it; how models calibrated before `lac-mondrian` (`method` 'aps') build their sets."
     p = np.atleast_2d(np.asarray(probs, np.float64))
     return (p[:, None, :] * (p[:, None, :] > p[:, :, None])).sum(-1)
 
-def prediction_sets(probs, threshold: float) -> np.ndarray:
-    "Membership (N x classes, bool) of each class in the set at `threshold`: its score is at most `threshold` (the top class always is)."
-    return aps_scores(probs) <= threshold
+def lac_scores(probs) -> np.ndarray:
+    "The score of every class (N x classes, float64): one minus its probability."
+    return 1 - np.atleast_2d(np.asarray(probs, np.float64))
 
-def prediction_set(p, threshold: float | None, classes) -> list | None:
-    "The set of one image's probabilities `p` as class names, most probable first; None without a threshold."
+def prediction_sets(probs, threshold) -> np.ndarray:
+    "Membership (N x classes, bool) of each class in the set: its score at most its class's threshold (a list, one per class); a single float is an older model's APS threshold."
+    if np.ndim(threshold) == 0: return aps_scores(probs) <= float(threshold)
+    return lac_scores(probs) <= np.asarray(threshold, np.float64)[None, :]
+
+def prediction_set(p, threshold, classes) -> list | None:
+    "The set of one image's probabilities `p` as class names, most probable first (possibly empty); None without a threshold."
     if threshold is None: return None
     p = np.asarray(p, np.float64)
     idx = np.flatnonzero(prediction_sets(p, threshold)[0])
     return [classes[i] for i in idx[np.argsort(-p[idx], kind='stable')]]
 
-def describe_set(names: list | None) -> str:
-    "The set as a clinician reads it: `neutrophil`, or `neutrophil or band form: refer`; '' for no set."
-    if not names: return ''
-    if len(names) == 1: return names[0]
+def is_referred(names: list | None, top: str | None = None) -> bool | None:
+    "Refer the image to a human: its set is not the single class `top` (the predicted class; any one class when None): several classes, none, or another class than the prediction; None without a set."
+    if names is None: return None
+    return len(names) != 1 or (top is not None and names[0] != top)
+
+def describe_set(names: list | None, top: str | None = None) -> str:
+    "The set as a clinician reads it: `neutrophil`, `neutrophil or band form: refer`, `no class likely enough: refer`, or `band form: refer` when its one class is not the prediction `top`; '' for no set."
+    if names is None: return ''
+    if not names: return 'no class likely enough: refer'
+    if len(names) == 1: return names[0] + (': refer' if top is not None and names[0] != top else '')
     return f"{', '.join(names[:-1])} or {names[-1]}: refer"
 
 # %% ../nbs/02a_conformal.ipynb #a36316c3
@@ -57,29 +71,42 @@ def conformal_threshold(cal_scores, level: float) -> float | None:
     ok = cand[cc.predict_p(cand, smoothing=False) >= 1 - level]
     return float(ok.max()) if len(ok) else None
 
+def class_thresholds(probs, y, level: float) -> tuple:
+    "(thresholds, pooled): one threshold per class at `level` from the scores of the held-out images of that class; a class with too few borrows the threshold of all images (its index in `pooled`). None when even all are too few."
+    y = np.asarray(y, int); s = lac_scores(probs)[np.arange(len(y)), y]
+    everyone = conformal_threshold(s, level)
+    if everyone is None: return None, []
+    th, pooled = [], []
+    for k in range(np.shape(probs)[1]):
+        q = conformal_threshold(s[y == k], level)
+        if q is None: q = everyone; pooled.append(k)
+        th.append(q)
+    return th, pooled
+
 def calibrate_conformal(probs, y, levels=CONFORMAL_LEVELS) -> dict:
-    "The threshold of each level (`level_key` -> float or None) from held-out probabilities `probs` (N x classes) and their labels `y`."
-    y = np.asarray(y, int)
-    s = aps_scores(probs)[np.arange(len(y)), y]
-    return {level_key(l): conformal_threshold(s, l) for l in levels}
+    "The thresholds of each level (`level_key` -> a list, one per class, or None) from held-out probabilities `probs` (N x classes) and their labels `y`; `pooled`: the classes that borrowed the pooled threshold."
+    out = {level_key(l): class_thresholds(probs, y, l) for l in levels}
+    return {k: v[0] for k, v in out.items()} | {'pooled': {k: v[1] for k, v in out.items() if v[1]}}
 
 # %% ../nbs/02a_conformal.ipynb #1e2cfec9
-def threshold_for(conformal: dict | None, level: float, tta: bool = False) -> float | None:
-    "The threshold of `level` for plain or TTA probabilities from a model's `conformal` metadata; None when the model has none for it."
+def threshold_for(conformal: dict | None, level: float, tta: bool = False):
+    "The thresholds (a list, one per class; a float for an older APS model) of `level` for plain or TTA probabilities from a model's `conformal` metadata; None when the model has none for it."
     th = ((conformal or {}).get('thresholds') or {}).get('tta' if tta else 'plain') or {}
     q = th.get(level_key(level))
-    return None if q is None else float(q)
+    if q is None: return None
+    return float(q) if np.ndim(q) == 0 else [float(v) for v in q]
 
 def set_metrics(y, probs, conformal: dict | None, tta: bool = False, levels=CONFORMAL_LEVELS) -> dict:
-    "Coverage, mean set size and share referred (set of more than one class) of each calibrated level on labelled probabilities: `conformal_coverage_90`, `conformal_set_size_90`, `conformal_refer_rate_90`, ..."
+    "Coverage, mean set size, share referred (set not the top class alone) and share empty of each calibrated level on labelled probabilities: `conformal_coverage_90`, `conformal_set_size_90`, `conformal_refer_rate_90`, `conformal_empty_rate_90`, ..., and the lowest coverage of a class (`conformal_min_class_coverage_90`)."
     y, out = np.asarray(y, int), {}
     for lvl in levels:
         q = threshold_for(conformal, lvl, tta)
         if q is None or not len(y): continue
         S, k = prediction_sets(probs, q), _pct(lvl)
-        n = S.sum(1)
-        out.update({f'conformal_coverage_{k}': float(S[np.arange(len(y)), y].mean()), f'conformal_set_size_{k}': float(n.mean()),
-                    f'conformal_refer_rate_{k}': float((n > 1).mean())})
+        n, hit, top = S.sum(1), S[np.arange(len(y)), y], S[np.arange(len(y)), np.asarray(probs).argmax(1)]
+        out.update({f'conformal_coverage_{k}': float(hit.mean()), f'conformal_set_size_{k}': float(n.mean()),
+                    f'conformal_refer_rate_{k}': float(((n != 1) | ~top).mean()), f'conformal_empty_rate_{k}': float((n == 0).mean()),
+                    f'conformal_min_class_coverage_{k}': float(min(hit[y == c].mean() for c in np.unique(y)))})
     return out
 
 def card_line(meta: dict) -> str | None:
@@ -88,15 +115,21 @@ def card_line(meta: dict) -> str | None:
     if not c: return None
     got = [_pct(l) for l in c.get('levels', CONFORMAL_LEVELS) if f'conformal_coverage_{_pct(l)}' in m]
     measured = (f"On the held-out `{m.get('split', 'test')}` split (n = {m.get('n')}, TTA {m.get('tta')}): " + '; '.join(
-        f"{k}% sets cover {m[f'conformal_coverage_{k}']:.1%}, mean size {m[f'conformal_set_size_{k}']:.2f}, "
+        f"{k}% sets cover {m[f'conformal_coverage_{k}']:.1%}" + (f" (the least covered class {m[f'conformal_min_class_coverage_{k}']:.1%})"
+        if f'conformal_min_class_coverage_{k}' in m else '') + f", mean size {m[f'conformal_set_size_{k}']:.2f}, "
         f"{m[f'conformal_refer_rate_{k}']:.0%} referred" for k in got) + '.') if got else 'Coverage not measured on a held-out split.'
-    return (f"- **Prediction sets (refer)**: split-conformal APS (not randomised), calibrated on the `{c.get('fitted_on')}` split "
-            f"(n = {c.get('n')}). {measured} The coverage is marginal, for images like the calibration images: not per image "
-            f"or per class, and not under drift.")
-
+    classes = meta.get('classes') or []
+    pooled = sorted({i for v in (((c.get('thresholds') or {}).get('plain') or {}).get('pooled') or {}).values() for i in v})
+    how = ('split-conformal, one threshold per class on 1 - p (class-conditional)' if c.get('method') == METHOD else
+           'split-conformal APS (not randomised)')
+    small = (f" Too few calibration images of {', '.join(str(classes[i]) if i < len(classes) else str(i) for i in pooled)} for a threshold "
+             f"of their own: they use the pooled one, without the per-class guarantee." if pooled else '')
+    return (f"- **Prediction sets (refer)**: {how}, calibrated on the `{c.get('fitted_on')}` split "
+            f"(n = {c.get('n')}). {measured}{small} The coverage holds for images like the calibration images: not per image, "
+            f"and not under drift.")
 
 # %% ../nbs/02a_conformal.ipynb #31cb1a2a
-def _row_set(probs: dict, q: float) -> list:
+def _row_set(probs: dict, q) -> list:
     names = list(probs)
     return prediction_set(np.array([probs[c] for c in names], np.float64), q, names)
 
@@ -116,9 +149,18 @@ def production_coverage(store, model: str, version: str, conformal: dict | None,
         inside = r['correct_label'] in _row_set(p['probs'], q)
         n += 1; miss += not inside
         if r['correct_label'] != r['predicted_label']: wrong += 1; caught += inside
-    sizes = [len(_row_set(p['probs'], q)) for p in store.predictions(model=model, version=str(version), last=window)]
+    recent = [(_row_set(p['probs'], q), max(p['probs'], key=p['probs'].get)) for p in store.predictions(model=model, version=str(version), last=window)]
+    sizes = [len(s) for s, _ in recent]
     c = Counter(sizes)
     return dict(level=level, threshold=q, corrections=n, misses=miss, coverage=(n - miss) / n if n else None,
                 wrong=wrong, wrong_in_set=caught, recent=len(sizes), set_sizes={k: c[k] for k in sorted(c)},
                 mean_set_size=float(np.mean(sizes)) if sizes else None,
-                refer_rate=float(np.mean([s > 1 for s in sizes])) if sizes else None)
+                refer_rate=float(np.mean([is_referred(s, t) for s, t in recent])) if recent else None)
+
+def recalibrate(conformal: dict, probs, y, split: str, tta: bool = False, levels=None) -> dict:
+    "A copy of a model's `conformal` metadata with the `plain` (or `tta`) thresholds calibrated again on labelled probabilities `probs`, `y` of a random sample of the images it serves (named `split`)."
+    levels = levels or conformal.get('levels') or CONFORMAL_LEVELS
+    out = dict(conformal, method=METHOD, thresholds=dict(conformal.get('thresholds') or {}))
+    out['thresholds']['tta' if tta else 'plain'] = calibrate_conformal(probs, y, levels)
+    out.setdefault('recalibrated', []); out['recalibrated'] = list(out['recalibrated']) + [dict(on=split, n=int(len(y)), tta=tta)]
+    return out

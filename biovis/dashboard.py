@@ -217,15 +217,15 @@ def feedback_figure(df: pd.DataFrame):
 def _fmt(x, f='{:.1%}'): return '-' if x is None else f.format(x)
 
 def sets_figure(d: dict):
-    "Prediction sets: the share of each set size over the recent predictions (left; more than one class: referred) and the coverage aimed at, measured on the test split and on clinicians' corrections (right)."
+    "Prediction sets: the share of each set size over the recent predictions (left; not one class, several or none: referred) and the coverage aimed at, measured on the test split and on clinicians' corrections (right)."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     lvl, t = d['level'], d.get('test') or {}
     f = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], subplot_titles=(
-        f"Set sizes, last {d['recent']} predictions (refer: more than one class)",
+        f"Set sizes, last {d['recent']} predictions (refer: not one class)",
         f"Coverage at {lvl:.0%}: {d['corrections']} corrections, {d['misses']} outside their set"))
     n_cls = max([d.get('n_classes') or 0, *d['set_sizes']] or [1])
-    sizes = list(range(1, n_cls + 1)); tot = max(1, d['recent'])
+    sizes = list(range(0, n_cls + 1)); tot = max(1, d['recent'])      # 0: no class likely enough
     f.add_trace(go.Bar(x=sizes, y=[d['set_sizes'].get(s, 0) / tot for s in sizes], name='recent predictions',
                        marker_color=['#636efa' if s == 1 else '#ef553b' for s in sizes],
                        customdata=[d['set_sizes'].get(s, 0) for s in sizes], hovertemplate='%{x} classes: %{customdata} (%{y:.1%})<extra></extra>'), 1, 1)

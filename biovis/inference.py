@@ -16,7 +16,7 @@ from .core import get_device, get_settings
 from .images import read_image, to_model_input, MAX_BYTES
 from .errors import InvalidImageError, RegistryError
 from .policy import policy_from_dict
-from .conformal import prediction_set, threshold_for
+from .conformal import prediction_set, threshold_for, is_referred
 from .models import create_model, predict_proba
 from .registry import ModelRegistry
 from .kinds import BaseKind, register_kind
@@ -37,7 +37,7 @@ class Prediction:
     model: str
     version: str
     set: list | None = None          # the prediction set at the serving level, most probable first; None: the model has none
-    refer: bool | None = None        # the set holds more than one class
+    refer: bool | None = None        # the set is not one class (several, or none)
 
     @property
     def confidence(self) -> float: return self.probs[self.label]
@@ -108,7 +108,7 @@ class Predictor(BaseKind):
 
     @property
     def set_threshold(self) -> float | None:
-        "The APS threshold of this Predictor's sets: the serving level (`conformal_level`, default the setting `BIOVIS_CONFORMAL_LEVEL`) for its plain or TTA probabilities; None for a model without sets."
+        "The thresholds (one per class) of this Predictor's sets: the serving level (`conformal_level`, default the setting `BIOVIS_CONFORMAL_LEVEL`) for its plain or TTA probabilities; None for a model without sets."
         if self.__dict__.get('conformal_level') is None: self.conformal_level = get_settings().conformal_level    # read once
         return threshold_for(self.meta.get('conformal'), self.conformal_level, self.tta)
 
@@ -116,7 +116,7 @@ class Predictor(BaseKind):
         i = int(p.argmax())
         s = prediction_set(p, self.set_threshold, self.classes)
         return Prediction(self.classes[i], i, {c: float(q) for c, q in zip(self.classes, p)}, self.name, self.version,
-                          s, None if s is None else len(s) > 1)
+                          s, is_referred(s, self.classes[i]))
 
     def predict(self, src) -> Prediction:
         "Classify one input."

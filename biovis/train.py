@@ -26,7 +26,7 @@ from .core import set_seed, get_device, get_logger
 from .data import ImageDataset, load_dataset
 from .policy import DataPolicy, policy_for, resolve_policy
 from .models import ARCHS, create_model, set_normalization, predict_logits, predict_proba, temper
-from .conformal import CONFORMAL_LEVELS, calibrate_conformal
+from .conformal import CONFORMAL_LEVELS, METHOD, calibrate_conformal
 
 # %% auto #0
 __all__ = ['ArrayDataset', 'ArrayDL', 'make_dls', 'random_affine', 'color_jitter', 'PolicyAug', 'nll', 'fit_temperature',
@@ -141,12 +141,12 @@ def calibrate(logits_of, ds: ImageDataset, split: str | None = 'valid', train_sp
 # %% ../nbs/03_train.ipynb #8d6d779a
 def calibrate_sets(probs_of, ds: ImageDataset, split: str | None = 'valid', train_splits=('train',), size=None, channels=None,
                    levels=CONFORMAL_LEVELS) -> dict | None:
-    "A model's `conformal` metadata: APS thresholds per level for its `plain` and `tta` probabilities of `split` (`probs_of(x, tta)`, as the `Predictor` computes them); None when `split` is None, empty or trained on."
+    "A model's `conformal` metadata: the thresholds per class and level (`biovis.conformal`) for its `plain` and `tta` probabilities of `split` (`probs_of(x, tta)`, as the `Predictor` computes them); None when `split` is None, empty or trained on."
     if split is None or split in train_splits: return None
     x, y = ds.tensors(split, size, channels)
     if not len(y): return None
     th = {mode: calibrate_conformal(probs_of(x, mode == 'tta'), y, levels) for mode in ('plain', 'tta')}
-    return dict(method='aps', randomized=False, score='probability mass ranked above the class', library='crepes',
+    return dict(method=METHOD, randomized=False, score='1 - probability of the class, one threshold per class', library='crepes',
                 fitted_on=split, n=int(len(y)), levels=list(levels), thresholds=th)
 
 # %% ../nbs/03_train.ipynb #b38f115d
@@ -197,7 +197,7 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
     log.info('calibration: temperature %.4f (%s)', cal['temperature'], cal.get('note') or f"NLL on {calibrate_on} {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}")
     conf = calibrate_sets(lambda x, tta: predict_proba(learn.model, x, tta=tta, temperature=cal['temperature'], views=policy.tta_views),
                           ds, calibrate_on, train_splits, size, channels)
-    log.info('prediction sets: %s', f"APS thresholds on {conf['fitted_on']} (n={conf['n']}): {conf['thresholds']['plain']}" if conf else 'none (no held-out split)')
+    log.info('prediction sets: %s', f"per-class thresholds on {conf['fitted_on']} (n={conf['n']}): {conf['thresholds']['plain']}" if conf else 'none (no held-out split)')
     learn.biovis = dict(arch=arch, classes=list(ds.classes), input_size=list(size), channels=channels,
                         preprocessing=dict(resize='PIL bilinear', scale='1/255', normalize='inside the model'),
                         dataset=dict(name=ds.name, version=ds.version, source=ds.source, train_splits=list(train_splits),

@@ -21,9 +21,9 @@ from ..train import random_affine, color_jitter
 from ..feedback.queue import margin_uncertainty, k_center_greedy
 
 # %% auto #0
-__all__ = ['LEVELS', 'TARGETS', 'find_medmnist', 'conformal_figures', 'fit_small', 'accuracy_of', 'probs_and_embeddings',
-           'queue_picks', 'random_picks', 'labels_to_reach', 'active_learning', 'plot_active_learning', 'audit_recall',
-           'safety_benchmark']
+__all__ = ['LEVELS', 'TARGETS', 'PARTS', 'find_medmnist', 'per_class_accuracy', 'recalibrated_figures', 'conformal_figures',
+           'fit_small', 'accuracy_of', 'probs_and_embeddings', 'queue_picks', 'random_picks', 'labels_to_reach',
+           'active_learning', 'plot_active_learning', 'audit_recall', 'safety_benchmark']
 
 # %% ../../nbs/09i_bench.safety.ipynb #ff55cfe4
 def find_medmnist(flag: str, data_root=None) -> Path | None:
@@ -34,17 +34,41 @@ def find_medmnist(flag: str, data_root=None) -> Path | None:
 
 LEVELS = (90, 95)
 TARGETS = {'coverage_90': (0.90, 0.015), 'coverage_95': (0.95, 0.01)}     # level, tolerance
+PARTS = ('coverage', 'active_learning', 'audit')
 
 def _set_figures(m: dict) -> dict:
     "coverage_90, mean_set_size_90, refer_rate_90, ... from an evaluation's metrics (None for a level without sets)."
     out = {}
     for k in LEVELS:
         out.update({f'coverage_{k}': m.get(f'conformal_coverage_{k}'), f'mean_set_size_{k}': m.get(f'conformal_set_size_{k}'),
-                    f'refer_rate_{k}': m.get(f'conformal_refer_rate_{k}')})
+                    f'refer_rate_{k}': m.get(f'conformal_refer_rate_{k}'), f'empty_rate_{k}': m.get(f'conformal_empty_rate_{k}'),
+                    f'min_class_coverage_{k}': m.get(f'conformal_min_class_coverage_{k}')})
     return out
 
-def conformal_figures(ds: ImageDataset, epochs: int = 8, seed: int = 42, arch: str = 'cnn_small', say=print) -> dict:
-    "Train `arch` on `ds`'s train split with `train_and_register` (sets calibrated on valid); the test split's set figures, plain (as served) and with TTA."
+def per_class_accuracy(y, probs, classes) -> dict:
+    "Accuracy of each class (its recall) on labelled probabilities."
+    y, pred = np.asarray(y, int), np.asarray(probs).argmax(1)
+    return {c: float((pred[y == k] == k).mean()) if (y == k).any() else None for k, c in enumerate(classes)}
+
+def recalibrated_figures(y, probs, repeats: int = 100, seed: int = 0) -> dict:
+    "The sets calibrated on a random half of labelled probabilities (`biovis.conformal.calibrate_conformal`) and measured on the other half, `repeats` random halvings: mean and sd of coverage, mean set size and refer rate per level."
+    from biovis.conformal import calibrate_conformal, set_metrics, METHOD
+    y, probs = np.asarray(y, int), np.asarray(probs, np.float64)
+    rng, rows = np.random.default_rng(seed), []
+    for _ in range(repeats):
+        i = rng.permutation(len(y)); a, b = i[:len(i) // 2], i[len(i) // 2:]
+        conf = dict(method=METHOD, thresholds=dict(plain=calibrate_conformal(probs[a], y[a])))
+        rows.append(_set_figures(set_metrics(y[b], probs[b], conf)))
+    out = dict(repeats=repeats, n_calibration=len(y) // 2, n_measured=len(y) - len(y) // 2)
+    for k in rows[0]:
+        v = [r[k] for r in rows if r[k] is not None]
+        out[k] = float(np.mean(v)) if v else None
+        if k.startswith('coverage') and v: out[f'{k}_sd'] = float(np.std(v))
+    out['within_target'] = {k: out[k] is not None and abs(out[k] - lvl) <= tol for k, (lvl, tol) in TARGETS.items()}
+    return out
+
+def conformal_figures(ds: ImageDataset, epochs: int = 8, seed: int = 42, arch: str = 'cnn_small', repeats: int = 100, say=print) -> dict:
+    "Train `arch` on `ds`'s train split with `train_and_register` (sets calibrated on valid); the test split's set figures, plain (as served) and with TTA, the sets recalibrated on random halves of the test split, and per-class accuracy on valid and test."
     from biovis.workflow import train_and_register
     from biovis.evaluate import evaluate
     from biovis.registry import ModelRegistry
@@ -52,18 +76,23 @@ def conformal_figures(ds: ImageDataset, epochs: int = 8, seed: int = 42, arch: s
     with tempfile.TemporaryDirectory(prefix='biovis-safety-') as d:
         learn, ev_tta, version = train_and_register(ds, name=f'safety-{ds.name}', arch=arch, epochs=epochs, seed=seed, promote=False,
                                                     registry=ModelRegistry(d), progress=False)
-    ev = evaluate(learn, ds, 'test', tta=False)
+    ev, ev_valid = evaluate(learn, ds, 'test', tta=False), evaluate(learn, ds, 'valid', tta=False)
     meta, m = learn.biovis, ev.metrics
     conf = meta.get('conformal') or {}
     res = dict(dataset=ds.name, dataset_version=ds.version, classes=list(ds.classes), arch=arch, epochs=epochs, seed=seed,
                n_train=int((ds.splits == 'train').sum()), n_calibration=conf.get('n'), calibrated_on=conf.get('fitted_on'),
-               n_test=m['n'], policy=resolve_policy(ds).describe(), temperature=m['temperature'],
+               method=conf.get('method'), n_test=m['n'], policy=resolve_policy(ds).describe(), temperature=m['temperature'],
                train_seconds=meta['training']['seconds'], seconds=time.perf_counter() - t0,
-               test_accuracy=m['accuracy'], **_set_figures(m), thresholds=conf.get('thresholds'),
-               tta=dict(test_accuracy=ev_tta.metrics['accuracy'], **_set_figures(ev_tta.metrics)))
+               test_accuracy=m['accuracy'], valid_accuracy=ev_valid.metrics['accuracy'], **_set_figures(m), thresholds=conf.get('thresholds'),
+               per_class_accuracy=dict(valid=per_class_accuracy(ev_valid.y_true, ev_valid.probs, ds.classes),
+                                       test=per_class_accuracy(ev.y_true, ev.probs, ds.classes)),
+               tta=dict(test_accuracy=ev_tta.metrics['accuracy'], **_set_figures(ev_tta.metrics)),
+               recalibrated=recalibrated_figures(ev.y_true, ev.probs, repeats))
     res['within_target'] = {k: res[k] is not None and abs(res[k] - lvl) <= tol for k, (lvl, tol) in TARGETS.items()}
-    say(f"{ds.name}: test accuracy {res['test_accuracy']:.4f}; 90% sets cover {res['coverage_90']:.4f} (mean size {res['mean_set_size_90']:.2f}), "
-        f"95% sets cover {res['coverage_95']:.4f} (mean size {res['mean_set_size_95']:.2f}); trained {res['train_seconds']:.0f} s")
+    rc = res['recalibrated']
+    say(f"{ds.name}: test accuracy {res['test_accuracy']:.4f} (valid {res['valid_accuracy']:.4f}); 90% sets cover {res['coverage_90']:.4f} "
+        f"(mean size {res['mean_set_size_90']:.2f}), 95% sets cover {res['coverage_95']:.4f} (mean size {res['mean_set_size_95']:.2f}); "
+        f"recalibrated on test halves {rc['coverage_90']:.4f} / {rc['coverage_95']:.4f}; trained {res['train_seconds']:.0f} s")
     return res
 
 # %% ../../nbs/09i_bench.safety.ipynb #b39d549c
@@ -232,28 +261,48 @@ def _markdown(r: dict) -> str:
            f"{r['created']} · commit {r['git_commit']} · {r['machine']} · load average {r['load_average_start']} at the start, "
            f"{r.get('load_average_end', '?')} at the end · {r['seconds']:.0f} s in all", '',
            '## Coverage of the prediction sets (official test splits)', '',
-           'Split-conformal APS sets (`biovis.conformal`, crepes), calibrated on the validation split of each data set; '
-           'targets: 90 % sets cover 0.90 +- 0.015, 95 % sets 0.95 +- 0.01. Plain probabilities, as `biovis serve` answers.', '']
-    rows = []
+           'Split-conformal sets with one threshold per class on 1 - p (`biovis.conformal`, crepes), calibrated on the validation split '
+           'of each data set; targets: 90 % sets cover 0.90 +- 0.015, 95 % sets 0.95 +- 0.01. Plain probabilities, as `biovis serve` '
+           'answers. "refer": the set is not the predicted class alone; "empty": no class likely enough; "least class": the coverage '
+           'of the least covered class.', '']
+    rows, rc_rows = [], []
     for d in (b, p):
         if not d or 'error' in d: continue
         rows.append({'data set': d['dataset'], 'epochs': d['epochs'], 'train s': d['train_seconds'], 'calibration n': d['n_calibration'],
-                     'test n': d['n_test'], 'test accuracy': d['test_accuracy'], **{k: d[k] for k in _set_figures({})},
+                     'test n': d['n_test'], 'valid / test accuracy': f"{_f(d.get('valid_accuracy'))} / {_f(d['test_accuracy'])}",
+                     **{k: d.get(k) for k in _set_figures({})},
                      'TTA: coverage 90 / 95': f"{_f(d['tta']['coverage_90'])} / {_f(d['tta']['coverage_95'])}"})
-    cols = ['data set', 'epochs', 'train s', 'calibration n', 'test n', 'test accuracy', 'coverage_90', 'mean_set_size_90', 'refer_rate_90',
-            'coverage_95', 'mean_set_size_95', 'refer_rate_95', 'TTA: coverage 90 / 95']
-    out += [md_table(rows, cols, {c: '.4f' for c in cols[5:12]} | {'train s': '.0f'})]
+        if d.get('recalibrated'):
+            rc = d['recalibrated']
+            rc_rows.append({'data set': d['dataset'], 'halvings': rc['repeats'], 'calibration n': rc['n_calibration'], 'measured n': rc['n_measured'],
+                            **{k: (f"{rc[k]:.4f} +- {rc[k + '_sd']:.4f}" if k.startswith('coverage') and rc.get(k) is not None else rc.get(k))
+                               for k in _set_figures({})}})
+    fig_cols = [f'{w}_{k}' for k in LEVELS for w in ('coverage', 'min_class_coverage', 'mean_set_size', 'refer_rate', 'empty_rate')]
+    cols = ['data set', 'epochs', 'train s', 'calibration n', 'test n', 'valid / test accuracy', *fig_cols, 'TTA: coverage 90 / 95']
+    out += [md_table(rows, cols, {c: '.4f' for c in fig_cols} | {'train s': '.0f'})]
     for d in (b, p):
         if not d: continue
         if 'error' in d: out.append(f"- {d['dataset']}: not measured ({d['error']})"); continue
         ok = ', '.join(f"{k} {'within' if v else '**outside**'} the target" for k, v in d['within_target'].items())
         out.append(f"- {d['dataset']}: {ok}; policy {d['policy']}")
-        th = (d.get('thresholds') or {}).get('plain') or {}
-        if th and all(v == 0 for v in th.values()):
-            out.append(f"  - its APS thresholds are 0 at both levels: every set is the top class alone, so coverage equals test accuracy "
-                       f"({d['test_accuracy']:.4f}). Non-randomised APS scores the top class 0, and when fewer than 1 - level of the validation images have "
-                       f"their true class below the top, the calibrated threshold is that 0: the sets then cover what the model gets right on the test "
-                       f"split, more than the level where it is more accurate, less where the test split is harder than the validation split.")
+        pc = d.get('per_class_accuracy') or {}
+        if pc:
+            gap = sorted(((pc['valid'][c] or 0) - (pc['test'][c] or 0), c) for c in pc['valid'])[-1]
+            out.append(f"  - per-class accuracy, valid -> test: " + ', '.join(f"{c} {_f(pc['valid'][c], '.3f')} -> {_f(pc['test'][c], '.3f')}" for c in pc['valid'])
+                       + (f"; the largest drop, {gap[1]} ({gap[0]:.3f}), says its test images are not like its validation images: "
+                          f"sets calibrated on validation cannot promise their level on them" if gap[0] > 0.05 else ''))
+    if rc_rows:
+        out += ['', '### Recalibrated on the test population', '',
+                'The same model\'s sets recalibrated (`biovis.conformal.recalibrate`) on a random half of the test split, as a clinic '
+                'would on a random audit sample of its own images, and measured on the other half; mean +- sd over random halvings. '
+                'This is the conformal guarantee where its assumption (calibration and new images alike) holds.', '',
+                md_table(rc_rows, ['data set', 'halvings', 'calibration n', 'measured n', *fig_cols], {c: '.4f' for c in fig_cols if not c.startswith('coverage')})]
+        for d in (b, p):
+            if d and d.get('recalibrated'):
+                ok = ', '.join(f"{k} {'within' if v else '**outside**'} the target" for k, v in d['recalibrated']['within_target'].items())
+                out.append(f"- {d['dataset']} recalibrated: {ok}")
+    for part, d in (r.get('carried') or {}).items():
+        out += ['', f"_{part.replace('_', ' ')}: carried from the run of {d['created']} (commit {d['git_commit']}), not measured again in this run._"]
     if al:
         q, rd = al['curves']['queue'], al['curves']['random']
         fmt = lambda c, i: f"{c['mean'][i]:.4f} +- {c['sd'][i]:.4f}"
@@ -273,39 +322,65 @@ def _markdown(r: dict) -> str:
     return '\n'.join(out + ['', f"Note: {r['note']}"]) + '\n'
 
 # %% ../../nbs/09i_bench.safety.ipynb #90d7388d
+_CARRY = {'coverage': ('bloodmnist', 'pneumoniamnist'), 'active_learning': ('active_learning', 'labels_to_095_queue', 'labels_to_095_random',
+          'labels_095_note', 'queue_saves_labels'), 'audit': ('audit', 'audit_recall', 'audit_precision')}
+
+def _carry(out: Path, parts) -> tuple:
+    "The parts not measured this run, from the last `safety.json` in `out`: (values, {part: the run they come from})."
+    old_path = out/'safety.json'
+    if set(parts) == set(PARTS): return {}, {}
+    if not old_path.exists(): raise FileNotFoundError(f'only {", ".join(parts)} asked for, and no earlier {old_path} to take the other parts from')
+    import json
+    old = json.loads(old_path.read_text())
+    vals, carried = {}, {}
+    for part in set(PARTS) - set(parts):
+        vals.update({k: old.get(k) for k in _CARRY[part]})
+        carried[part] = (old.get('carried') or {}).get(part) or dict(created=old.get('created'), git_commit=old.get('git_commit'))
+    return vals, carried
+
 def safety_benchmark(data=None, pneumonia=None, out_dir=None, epochs: int = 8, pneumonia_epochs: int = 10,
                      al_schedule=None, al_seeds=(0, 1, 2), al_epochs: int = 6, al_min_steps: int = 60, al_warm: bool = True,
-                     audit_n: int = 3000, audit_share: float = 0.02, audit_folds: int = 5, audit_epochs: int = 6, say=print) -> dict:
-    "Coverage of the sets (BloodMNIST, PneumoniaMNIST), active learning (queue vs random) and label-audit recall; writes safety.{json,md} and the figure. `data`: a path, a name or an `ImageDataset`."
+                     audit_n: int = 3000, audit_share: float = 0.02, audit_folds: int = 5, audit_epochs: int = 6, parts=PARTS, say=print) -> dict:
+    """Coverage of the sets (BloodMNIST, PneumoniaMNIST), active learning (queue vs random) and label-audit recall; writes safety.{json,md} and the figure. `data`: a path, a name or an `ImageDataset`.
+    `parts`: which of `PARTS` to measure; the others are carried from the last `safety.json` in `out_dir`, with the date and commit of their run."""
     t_all, info = time.perf_counter(), run_info()
+    parts = tuple(parts)
+    if bad := set(parts) - set(PARTS): raise ValueError(f'unknown part(s) {sorted(bad)}; choose from {PARTS}')
     src = data or find_bloodmnist()
     if src is None: raise FileNotFoundError('the safety benchmark needs the full BloodMNIST: set BIOVIS_DATA or pass --data')
     ds = src if isinstance(src, ImageDataset) else load_dataset(src)
     out = Path(out_dir or get_settings().reports_dir/'benchmarks')
-    say(f'[1/3] prediction sets: {ds} ...')
-    blood = conformal_figures(ds, epochs=epochs, say=say)
-    pn_src = find_medmnist('pneumoniamnist') if pneumonia is None else pneumonia      # False: not measured
-    pn = conformal_figures(load_dataset(pn_src), epochs=pneumonia_epochs, say=say) if pn_src else \
-        dict(dataset='pneumoniamnist', error='not asked for' if pneumonia is False else 'pneumoniamnist.npz not found under BIOVIS_DATA')
-    x, y = ds.tensors('train'); xt, yt = ds.tensors('test')
-    n = len(y)
-    schedule = al_schedule or [int(round(n * f)) for f in (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64)]
-    say(f'[2/3] active learning: {schedule} labels, seeds {list(al_seeds)} ...')
-    al = active_learning(x, y, xt, yt, len(ds.classes), schedule, al_seeds, epochs=al_epochs, min_steps=al_min_steps,
-                         policy=resolve_policy(ds), warm=al_warm, say=say)
-    say('[3/3] label audit ...')
-    aud = audit_recall(ds, audit_n, audit_share, audit_folds, audit_epochs, say=say)
-    lq, lr = al['curves']['queue']['labels_to_target'], al['curves']['random']['labels_to_target']
-    why = None if lq is not None and lr is not None else f"not reached within the largest round ({schedule[-1]} labels) by " + \
-        ' and '.join(s for s, v in (('the queue', lq), ('random labels', lr)) if v is None)
-    res = dict(info, torch_threads=torch.get_num_threads(), dataset=ds.name, dataset_version=ds.version,
-               **{k: blood[k] for k in ('coverage_90', 'coverage_95', 'mean_set_size_90', 'mean_set_size_95', 'refer_rate_90', 'refer_rate_95')},
-               **{f'pneumonia_{k}': pn.get(k) for k in ('coverage_90', 'coverage_95', 'mean_set_size_90', 'mean_set_size_95', 'refer_rate_90', 'refer_rate_95')},
-               bloodmnist=blood, pneumoniamnist=pn, labels_to_095_queue=lq, labels_to_095_random=lr, labels_095_note=why,
-               queue_saves_labels=None if lq is None or lr is None else 1 - lq / lr, active_learning=al,
-               audit_recall=aud['audit_recall'], audit_precision=aud['audit_precision'], audit=aud,
-               targets=dict(coverage_90='0.90 +- 0.015', coverage_95='0.95 +- 0.01', audit_recall='>= 0.8', labels_to_095='queue < random'),
-               note=('coverage: plain probabilities at the fitted temperature, the sets the server returns (with TTA under `tta`). '
+    res, carried = _carry(out, parts)
+    if 'coverage' in parts:
+        say(f'[coverage] prediction sets: {ds} ...')
+        blood = conformal_figures(ds, epochs=epochs, say=say)
+        pn_src = find_medmnist('pneumoniamnist') if pneumonia is None else pneumonia      # False: not measured
+        pn = conformal_figures(load_dataset(pn_src), epochs=pneumonia_epochs, say=say) if pn_src else \
+            dict(dataset='pneumoniamnist', error='not asked for' if pneumonia is False else 'pneumoniamnist.npz not found under BIOVIS_DATA')
+        res.update(bloodmnist=blood, pneumoniamnist=pn)
+    if 'active_learning' in parts:
+        x, y = ds.tensors('train'); xt, yt = ds.tensors('test')
+        schedule = al_schedule or [int(round(len(y) * f)) for f in (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64)]
+        say(f'[active learning] {schedule} labels, seeds {list(al_seeds)} ...')
+        al = active_learning(x, y, xt, yt, len(ds.classes), schedule, al_seeds, epochs=al_epochs, min_steps=al_min_steps,
+                             policy=resolve_policy(ds), warm=al_warm, say=say)
+        lq, lr = al['curves']['queue']['labels_to_target'], al['curves']['random']['labels_to_target']
+        why = None if lq is not None and lr is not None else f"not reached within the largest round ({schedule[-1]} labels) by " + \
+            ' and '.join(s for s, v in (('the queue', lq), ('random labels', lr)) if v is None)
+        res.update(active_learning=al, labels_to_095_queue=lq, labels_to_095_random=lr, labels_095_note=why,
+                   queue_saves_labels=None if lq is None or lr is None else 1 - lq / lr)
+    if 'audit' in parts:
+        say('[audit] label audit ...')
+        aud = audit_recall(ds, audit_n, audit_share, audit_folds, audit_epochs, say=say)
+        res.update(audit=aud, audit_recall=aud['audit_recall'], audit_precision=aud['audit_precision'])
+    blood, pn = res.get('bloodmnist') or {}, res.get('pneumoniamnist') or {}
+    keys = [f'{w}_{k}' for k in LEVELS for w in ('coverage', 'mean_set_size', 'refer_rate', 'min_class_coverage')]
+    res = dict(info, torch_threads=torch.get_num_threads(), dataset=ds.name, dataset_version=ds.version, parts_measured=list(parts),
+               carried=carried, **{k: blood.get(k) for k in keys}, **{f'pneumonia_{k}': pn.get(k) for k in keys},
+               **{f'pneumonia_recalibrated_{k}': (pn.get('recalibrated') or {}).get(k) for k in keys},
+               **res, targets=dict(coverage_90='0.90 +- 0.015', coverage_95='0.95 +- 0.01', audit_recall='>= 0.8', labels_to_095='queue < random'),
+               note=('coverage: plain probabilities at the fitted temperature, the sets the server returns (with TTA under `tta`); '
+                     'pneumonia_recalibrated_*: the same model\'s sets calibrated on random halves of the test split, measured on the other halves. '
                      'Active learning: a plain PyTorch loop instead of fastai (same network, optimiser schedule, label smoothing and policy '
                      'augmentations), ' + ('each round fine-tuned from the last round\'s model (the first from scratch)' if al_warm else
                      'each round trained from scratch') + ', no validation split; the queue ranks the unlabelled train images '
@@ -315,7 +390,7 @@ def safety_benchmark(data=None, pneumonia=None, out_dir=None, epochs: int = 8, p
     try: res['load_average_end'] = round(os.getloadavg()[0], 2)
     except OSError: pass
     out.mkdir(parents=True, exist_ok=True)
-    plot_active_learning(al).write_html(out/'safety_active_learning.html', include_plotlyjs='cdn')
+    if res.get('active_learning'): plot_active_learning(res['active_learning']).write_html(out/'safety_active_learning.html', include_plotlyjs='cdn')
     js, md_path = write_report('safety', res, _markdown(res), out_dir=out)
     say(f'written {js}, {md_path} and {out/"safety_active_learning.html"} in {res["seconds"]:.0f} s')
     return res

@@ -21,7 +21,7 @@ def cmd_benchmark(a):
         run_seg_benchmark(out_dir=a.out, cf_budget_s=a.seg_budget, registry=registry_of(a)); return
     if a.safety:
         from biovis.bench.safety import safety_benchmark
-        safety_benchmark(data=a.data, out_dir=a.out, **({'epochs': a.epochs} if a.epochs else {})); return
+        safety_benchmark(data=a.data, out_dir=a.out, parts=a.safety_parts.split(','), **({'epochs': a.epochs} if a.epochs else {})); return
     if a.scaleout:
         from biovis.bench.scaleout import scaleout_benchmark
         scaleout_benchmark(model=a.model, out_dir=a.out, registry=registry_of(a)); return
@@ -46,6 +46,8 @@ def add_commands(sub):
                    '(reports/benchmarks/scaleout.json; needs postgresql, nginx, apache2-utils)')
     b.add_argument('--safety', action='store_true', help='coverage of the prediction sets (BloodMNIST, PneumoniaMNIST), review queue vs '
                    'random labels, label-audit recall (reports/benchmarks/safety.json; 15-25 minutes on 2 quiet cores)')
+    b.add_argument('--safety-parts', default='coverage,active_learning,audit', metavar='PARTS',
+                   help='with --safety: the parts to measure, comma-separated (default: all); the others are kept from the last safety.json')
     b.add_argument('--model', default=None, help='with --serving or --scaleout: the registered model to serve (default: the first)')
     b.add_argument('--segmentation', action='store_true', help='CrackForest and ISBI 2012 segmentation (reports/benchmarks/segmentation.json)')
     b.add_argument('--seg-budget', type=float, default=780, help='with --segmentation: CrackForest training budget in seconds')

@@ -69,7 +69,7 @@ def classify_files(service, files, model=None, request=None, alpha: float = 0.5)
         name = Path(f).name
         try: r = service.predict(_read(f), filename=name, model=model, user=_user(request))
         except InvalidImageError as e: msgs.append(f'**{name}** was not classified: {e}'); continue
-        rows.append(dict(id=r['id'], file=name, predicted=r['label'], p=round(r['probs'][r['label']], 4), set=describe_set(r.get('set'))))
+        rows.append(dict(id=r['id'], file=name, predicted=r['label'], p=round(r['probs'][r['label']], 4), set=describe_set(r.get('set'), r['label'])))
         ids.append(r['id'])
         if first is None:
             first = r
@@ -78,7 +78,7 @@ def classify_files(service, files, model=None, request=None, alpha: float = 0.5)
     if first is None: return None, None, '\n\n'.join(msgs) or 'Nothing to classify.', _table(), [], None
     info = (f"**{first['label']}** (p = {first['probs'][first['label']]:.3f}) · model **{first['model']} {first['version']}** · "
             f"prediction id `{first['id']}`")
-    if first.get('set'): info += f"\n\n{get_settings().conformal_level:.0%} prediction set: **{describe_set(first['set'])}**"
+    if first.get('set') is not None: info += f"\n\n{get_settings().conformal_level:.0%} prediction set: **{describe_set(first['set'], first['label'])}**"
     if msgs: info += '\n\n' + '\n\n'.join(msgs)
     return first['probs'], recolour(cam, alpha), info, _table(rows), ids, cam
 
@@ -158,7 +158,7 @@ def _review_info(service, item: dict, left: int) -> str:
     p, top = item['probs'], sorted(item['probs'].items(), key=lambda kv: -kv[1])[:2]
     s = (f"**{item['label']}** (p = {p[item['label']]:.3f}) · model **{item['model']} {item['version']}** · "
          f"prediction id `{item['prediction_id']}`")
-    if (ps := _queued_set(service, item)): s += f"\n\n{get_settings().conformal_level:.0%} prediction set: **{describe_set(ps)}**"
+    if (ps := _queued_set(service, item)) is not None: s += f"\n\n{get_settings().conformal_level:.0%} prediction set: **{describe_set(ps, item['label'])}**"
     s += (f"\n\nQueued for its uncertainty **{item['uncertainty']:.2f}** (1 − the margin between its two most probable classes: "
           + ', '.join(f'{c} {v:.3f}' for c, v in top) + f") · logged {item['created'][:19].replace('T', ' ')} UTC")
     return s + f"\n\n**{left}** left to review, this one included."
