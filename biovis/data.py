@@ -5,7 +5,7 @@ class sub-folders, CSV lists and DICOM files; image validation; manifests and da
 
 # %% ../nbs/01_data.ipynb #0504da53
 from __future__ import annotations
-import csv, hashlib, io, os, random, tempfile, urllib.request
+import csv, hashlib, io, os, random, re, tempfile, urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +17,12 @@ from .core import get_settings, sample_path, sha256_bytes, sha256_file, atomic_w
 from .errors import InvalidImageError, UploadTooLargeError  # noqa: F401  (re-exported: biovis.data's names of old)
 from .images import (IMAGE_EXTS, MAX_BYTES, MAX_SIDE, MAX_PIXELS, read_image, to_model_input,  # noqa: F401  (re-exported)
                            write_dicom)
-from .policy import medmnist_info, medmnist_classes, medmnist_modality, modality_from_readme
+from .policy import medmnist_info, medmnist_classes, medmnist_modality, medmnist_table, modality_from_readme
 
 # %% auto #0
-__all__ = ['SPLITS', 'BLOODMNIST_URL', 'BLOODMNIST_MD5', 'GENERIC_NAMES', 'ImageDataset', 'from_npz', 'dataset_name',
-           'from_folder', 'from_csv', 'export_folder', 'find_bloodmnist', 'load_dataset', 'DataFetchError',
-           'fetch_bloodmnist', 'make_sample']
+__all__ = ['SPLITS', 'GENERIC_NAMES', 'MEDMNIST_SIZES', 'ImageDataset', 'from_npz', 'dataset_name', 'from_folder', 'from_csv',
+           'export_folder', 'medmnist_sets', 'medmnist_2d', 'medmnist_filename', 'default_data_root', 'find_medmnist',
+           'find_bloodmnist', 'load_dataset', 'DataFetchError', 'fetch_medmnist', 'fetch_bloodmnist', 'make_sample']
 
 # %% ../nbs/01_data.ipynb #fe4e3d28
 SPLITS = ('train', 'valid', 'test')
@@ -39,6 +39,7 @@ class ImageDataset:
     name: str = 'dataset'
     modality: str | None = None            # what the images are (biovis.policy.MODALITIES): from MedMNIST's metadata, a README line, or the user
     modality_source: str = ''              # where `modality` came from
+    skipped: list = field(default_factory=list)   # folders beside the data that the loader did not read (e.g. 'TEST_SIMPLE/')
     _hashes: list | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -55,7 +56,8 @@ class ImageDataset:
     def __len__(self): return len(self.labels)
     def __repr__(self):
         counts = {s: int((self.splits == s).sum()) for s in SPLITS}
-        return f'ImageDataset({self.name!r}, {len(self)} images, {len(self.classes)} classes, {counts}, version {self.version[:12]})'
+        skip = f', skipped {self.skipped}' if self.skipped else ''
+        return f'ImageDataset({self.name!r}, {len(self)} images, {len(self.classes)} classes, {counts}, version {self.version[:12]}{skip})'
 
     @property
     def channels(self) -> int:
@@ -115,8 +117,9 @@ class ImageDataset:
         return h.hexdigest()
 
     def save_manifest(self, path) -> Path:
-        "Write the manifest as CSV (atomically), with the version and classes in a header comment."
+        "Write the manifest as CSV (atomically), with the version, the classes and any skipped folders in a header comment."
         head = f'# dataset {self.name} version {self.version}\n# classes {"|".join(self.classes)}\n'
+        if self.skipped: head += f'# skipped {"|".join(self.skipped)}\n'
         return atomic_write(path, head + self.manifest().to_csv(index=False))
 
     def summary(self) -> pd.DataFrame:
@@ -131,9 +134,6 @@ def _rel(p, root):
     except ValueError: return str(p)
 
 # %% ../nbs/01_data.ipynb #75895ca5
-BLOODMNIST_URL = 'https://zenodo.org/records/6496656/files/bloodmnist.npz?download=1'
-BLOODMNIST_MD5 = '7053d0359d879ad8a5505303e11de1dc'
-
 def from_npz(path, classes: list | None = None, name: str | None = None) -> ImageDataset:
     "Load a MedMNIST-format `.npz` with its official train/val/test splits."
     path = Path(path)
@@ -187,12 +187,26 @@ def _stratified_assign(labels, fracs: dict, seed: int) -> np.ndarray:
 def _list_images(d: Path):
     return sorted(p for p in d.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.'))
 
+def _skipped_folders(root: Path, split_dirs: dict) -> list:
+    "The sub-folders of `root` beside its split folders (`TEST_SIMPLE/`, a second `val/`), which are not read: logged as a warning, returned as names."
+    if not split_dirs: return []       # without split folders every sub-folder is a class
+    used = set(split_dirs.values())
+    out = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith('.') and d not in used]
+    if out:
+        get_logger('data').warning('%s: %d folder(s) not used: %s (with split folders, only one train/, valid/ (val/) and test/ '
+                                   'are read)', root, len(out), ', '.join(f'{d.name}/ ({len(_list_images(d))} images)' for d in out))
+    return [f'{d.name}/' for d in out]
+
 def from_folder(path, valid_pct: float = 0.15, test_pct: float = 0.15, seed: int = 42,
                 name: str | None = None) -> ImageDataset:
     "Load `path/[split/]class/image` folders; split at random (stratified, seeded) where no split folders exist."
     root = Path(path)
     if not root.is_dir(): raise ValueError(f'{root} is not a folder')
-    split_dirs = {_SPLIT_DIRS[d.name.lower()]: d for d in root.iterdir() if d.is_dir() and d.name.lower() in _SPLIT_DIRS}
+    split_dirs = {}
+    for d in sorted(x for x in root.iterdir() if x.is_dir() and not x.name.startswith('.')):
+        s = _SPLIT_DIRS.get(d.name.lower())
+        if s and s not in split_dirs: split_dirs[s] = d
+    skipped = _skipped_folders(root, split_dirs)
     groups = list(split_dirs.items()) if split_dirs else [(None, root)]
     classes = sorted({c.name for _, d in groups for c in d.iterdir() if c.is_dir() and not c.name.startswith('.')})
     if not classes: raise ValueError(f'{root} has no class sub-folders')
@@ -211,7 +225,7 @@ def from_folder(path, valid_pct: float = 0.15, test_pct: float = 0.15, seed: int
         splits[pool] = _stratified_assign(labels[pool], missing, seed)
     modality = modality_from_readme(root)
     return ImageDataset(classes, labels, splits, paths=paths, source=str(root), name=name or dataset_name(root),
-                        modality=modality, modality_source='README' if modality else '')
+                        modality=modality, modality_source='README' if modality else '', skipped=skipped)
 
 # %% ../nbs/01_data.ipynb #d917974a
 def from_csv(path, valid_pct: float = 0.15, test_pct: float = 0.15, seed: int = 42, classes: list | None = None,
@@ -248,6 +262,36 @@ def export_folder(ds: ImageDataset, dest, fmt: str = 'png', per_class: int | Non
             for i in ix: Image.fromarray(ds.image(i)).save(dest/s/c/f'{i:06d}.{fmt}')
     return dest
 
+# %% ../nbs/01_data.ipynb #07a72d20
+MEDMNIST_SIZES = (28, 64, 128, 224)
+
+def _is_3d(flag: str, info: dict) -> bool: return flag.endswith('3d') or str(info.get('python_class', '')).endswith('3D')
+
+def medmnist_sets(dims: int | None = 2) -> dict:
+    "The MedMNIST sets of `medmnist.INFO`, {flag: info}: the 2-D ones (`dims=2`), the 3-D ones (3) or all (None)."
+    return {f: i for f, i in medmnist_table().items() if dims is None or _is_3d(f, i) == (dims == 3)}
+
+def medmnist_2d(flag: str) -> dict:
+    "The `medmnist.INFO` entry (with its `flag`) of the 2-D MedMNIST set `flag`; a `ValueError` naming the 2-D sets for any other name."
+    table, f = medmnist_table(), str(flag).lower()
+    if not table: raise ValueError('the medmnist package is not installed (pip install medmnist): its INFO table names the sets')
+    names = ', '.join(medmnist_sets())
+    if f in table and _is_3d(f, table[f]): raise ValueError(f'{f} is a 3-D MedMNIST set (volumes, not images): not supported; the 2-D sets are {names}')
+    if f not in table: raise ValueError(f'unknown MedMNIST set {flag!r}: choose one of {names}')
+    return dict(table[f], flag=f)
+
+def medmnist_filename(flag: str, size: int = 28) -> str: return f'{flag}.npz' if size == 28 else f'{flag}_{size}.npz'
+
+def default_data_root() -> Path:
+    "Where data sets are looked for and fetched to: `BIOVIS_DATA`, else `<home>/data`."
+    s = get_settings()
+    return Path(s.data_root or s.home/'data')
+
+def find_medmnist(flag: str, size: int = 28, data_root=None) -> Path | None:
+    "The `.npz` of the MedMNIST set `flag` at `size` px under `data_root` (default `default_data_root()`), as `<flag>/<file>` or `<file>`; or None."
+    root, f = Path(data_root or default_data_root()), medmnist_filename(flag, size)
+    return next((p for p in (root/flag/f, root/f) if p.is_file()), None)
+
 # %% ../nbs/01_data.ipynb #db2750af
 def find_bloodmnist(data_root=None) -> Path | None:
     "The full BloodMNIST `.npz` under `data_root` (default `BIOVIS_DATA`), or None."
@@ -258,15 +302,21 @@ def find_bloodmnist(data_root=None) -> Path | None:
     return None
 
 def load_dataset(source=None, **kw) -> ImageDataset:
-    "Load a data set from a name (`bloodmnist`, `sample`), a `.npz`, a folder or a `.csv`; default: full BloodMNIST if found, else the sample."
+    "Load a data set from a name (`bloodmnist`, any 2-D MedMNIST set, `sample`), a `.npz`, a folder or a `.csv`; default: full BloodMNIST if found, else the sample."
     if source is None or str(source) == 'bloodmnist':
-        p = find_bloodmnist()
+        p = find_bloodmnist() or (find_medmnist('bloodmnist') if source else None)
         if p is None and source is not None:
             raise FileNotFoundError('full BloodMNIST not found: set BIOVIS_DATA to the folder holding '
                                     'bloodmnist/bloodmnist.npz, run `biovis data fetch bloodmnist`, or pass a path')
         return from_npz(p) if p else from_npz(sample_path(), name='bloodmnist_sample')
     if str(source) == 'sample': return from_npz(sample_path(), name='bloodmnist_sample')
     p = Path(source).expanduser()
+    m = re.fullmatch(r'([a-z]+mnist)(?:_(64|128|224))?', str(source).lower())
+    if not p.exists() and m and m.group(1) in medmnist_sets():       # a MedMNIST set by name: pneumoniamnist, dermamnist_64
+        f = find_medmnist(m.group(1), int(m.group(2) or 28))
+        if f is None: raise FileNotFoundError(f'{source} not found under {default_data_root()}: run `biovis data fetch {m.group(1)}'
+                                              f'{" --size " + m.group(2) if m.group(2) else ""}`, set BIOVIS_DATA, or pass a path')
+        return from_npz(f)
     if not p.exists(): raise FileNotFoundError(f'no such data source: {p}')
     if p.is_dir(): return from_folder(p, **kw)
     if p.suffix.lower() == '.npz': return from_npz(p, **{k: v for k, v in kw.items() if k in ('classes', 'name')})
@@ -283,32 +333,46 @@ def _md5_file(path):
         for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
     return h.hexdigest()
 
-def fetch_bloodmnist(dest=None, url: str = BLOODMNIST_URL, md5: str = BLOODMNIST_MD5, timeout: float = 20,
-                     progress: bool = True) -> Path:
-    "Download the official BloodMNIST `.npz` to `dest` (default `<BIOVIS_DATA or home/data>/bloodmnist/`) and check its MD5."
-    s = get_settings()
-    dest = Path(dest) if dest else (s.data_root or s.home/'data')/'bloodmnist'/'bloodmnist.npz'
-    if dest.suffix != '.npz': dest = dest/'bloodmnist.npz'
+def fetch_medmnist(flag: str, size: int = 28, dest=None, root=None, url: str | None = None, md5: str | None = None,
+                   timeout: float = 20, progress: bool = True) -> Path:
+    """Download the official `.npz` of the 2-D MedMNIST set `flag` at `size` px (URL and MD5 from `medmnist.INFO`) to `dest` (a file or
+    a folder; default `<root or BIOVIS_DATA or home/data>/<flag>/`), check its MD5, then move it into place; a file already there with
+    that MD5 is kept. Raises `DataFetchError` (nothing left behind) when the download fails or the checksum differs."""
+    info = medmnist_2d(flag); flag = info['flag']
+    if size not in MEDMNIST_SIZES: raise ValueError(f'size {size}: MedMNIST files come at {", ".join(map(str, MEDMNIST_SIZES))} px')
+    key = '' if size == 28 else f'_{size}'
+    url, md5, fname = url or info.get('url' + key), md5 or info.get('MD5' + key), medmnist_filename(flag, size)
+    if not url or not md5: raise ValueError(f'medmnist.INFO lists no {size}-px file of {flag}')
+    dest = Path(dest) if dest else Path(root or default_data_root())/flag/fname
+    if dest.suffix != '.npz': dest = dest/fname
     if dest.exists() and _md5_file(dest) == md5: return dest
+    made = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]     # folders this call makes, removed on failure
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.bloodmnist.', suffix='.part', dir=dest.parent); os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{fname}.', suffix='.part', dir=dest.parent); os.close(fd)
     try:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, 'wb') as f:
                 total, done = int(r.headers.get('Content-Length') or 0), 0
                 for b in iter(lambda: r.read(1 << 20), b''):
                     f.write(b); done += len(b)
-                    if progress and total: print(f'\rbloodmnist.npz {done/2**20:.1f}/{total/2**20:.1f} MB', end='', flush=True)
+                    if progress and total: print(f'\r{fname} {done/2**20:.1f}/{total/2**20:.1f} MB', end='', flush=True)
             if progress and total: print()
         except Exception as e:
-            raise DataFetchError(f'could not download BloodMNIST from {url}: {e}. Without internet, copy the official '
-                                 'bloodmnist.npz here and pass its path (e.g. `biovis train --data /path/bloodmnist.npz`) '
-                                 'or set BIOVIS_DATA to the folder holding bloodmnist/bloodmnist.npz') from None
+            raise DataFetchError(f'could not download {fname} from {url}: {getattr(e, "reason", None) or e}. Without internet, copy '
+                                 f'the official {fname} to {dest} or pass its path (e.g. `biovis train --data /path/{fname}`) '
+                                 f'or set BIOVIS_DATA to the folder holding {flag}/{fname}') from None
         got = _md5_file(tmp)
         if got != md5: raise DataFetchError(f'downloaded file has MD5 {got}, expected the official {md5}; not kept')
         os.replace(tmp, dest)
-    finally: Path(tmp).unlink(missing_ok=True)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        for p in made:
+            if p.is_dir() and not any(p.iterdir()): p.rmdir()
     return dest
+
+def fetch_bloodmnist(dest=None, url: str | None = None, md5: str | None = None, timeout: float = 20, progress: bool = True) -> Path:
+    "Download the official BloodMNIST `.npz` (28 px) to `dest` (default `<BIOVIS_DATA or home/data>/bloodmnist/`) and check its MD5."
+    return fetch_medmnist('bloodmnist', 28, dest, url=url, md5=md5, timeout=timeout, progress=progress)
 
 # %% ../nbs/01_data.ipynb #d14ec623
 def make_sample(src, dest, n: dict | None = None, min_per_class: int = 10, seed: int = 0) -> Path:

