@@ -12,15 +12,24 @@ from pathlib import Path
 from ..core import get_settings, write_json, atomic_write, git_commit
 
 # %% auto #0
-__all__ = ['run_info', 'md_table', 'write_report']
+__all__ = ['uncommitted', 'run_info', 'md_table', 'write_report']
 
 # %% ../../nbs/09a_bench.report.ipynb #56ef32ca
+def uncommitted(path=None) -> list | None:
+    "The library and notebook files that differ from the commit (`git status`): a run whose list is not empty ran code that is not on it. None outside a git checkout."
+    import subprocess
+    from biovis.core import project_root
+    try:
+        r = subprocess.run(['git', 'status', '--porcelain', '--', 'biovis', 'nbs'], cwd=path or project_root(), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError): return None
+    return [l[3:] for l in r.stdout.splitlines()] if r.returncode == 0 else None
+
 def run_info() -> dict:
     "When, on which commit and on what machine a benchmark runs (load average included: was the machine quiet?)."
     import torch
     try: load = os.getloadavg()
     except OSError: load = (float('nan'),) * 3
-    return dict(created=datetime.now(timezone.utc).isoformat(timespec='seconds'), git_commit=git_commit(),
+    return dict(created=datetime.now(timezone.utc).isoformat(timespec='seconds'), git_commit=git_commit(), uncommitted=uncommitted(),
                 machine=f'{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)',
                 cpu_count=os.cpu_count(), load_average_start=round(load[0], 2))
 

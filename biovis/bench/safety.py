@@ -258,7 +258,7 @@ def _f(v, spec='.4f'): return '' if v is None else format(v, spec)
 def _markdown(r: dict) -> str:
     b, p, a, al = r['bloodmnist'], r.get('pneumoniamnist'), r.get('audit'), r.get('active_learning')
     out = [f"# Safety: prediction-set coverage, active learning, label audit", '',
-           f"{r['created']} · commit {r['git_commit']} · {r['machine']} · load average {r['load_average_start']} at the start, "
+           f"{r['created']} · commit {r['git_commit']}{' with uncommitted changes to ' + ', '.join(r['uncommitted']) if r.get('uncommitted') else ''} · {r['machine']} · load average {r['load_average_start']} at the start, "
            f"{r.get('load_average_end', '?')} at the end · {r['seconds']:.0f} s in all", '',
            '## Coverage of the prediction sets (official test splits)', '',
            'Split-conformal sets with one threshold per class on 1 - p (`biovis.conformal`, crepes), calibrated on the validation split '

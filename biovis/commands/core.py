@@ -42,18 +42,13 @@ class Commands:
     def add_parser(self, name, **kw) -> 'Command': return Command(self.action.add_parser(name, parents=[self.common], **kw), self.common)
     def get(self, name) -> 'Command':
         "Command `name`, which another family added, to add options to."
-        return Command(self.action.choices[name], self.common, extends=True)
+        return Command(self.action.choices[name], self.common)
 
 class Command:
     "An `argparse` parser of one command, whose own sub-commands also get the common options."
-    def __init__(self, parser, common, extends=False): self.parser, self.common, self.extends = parser, common, extends
+    def __init__(self, parser, common): self.parser, self.common = parser, common
     def __getattr__(self, k): return getattr(self.parser, k)
     def add_subparsers(self, **kw) -> Commands: return Commands(self.parser.add_subparsers(**kw), self.common)
-    def add_argument(self, *names, **kw):
-        "`argparse`'s; from another family (`Commands.get`), an option the command already has keeps the owner's definition."
-        have = self.parser._option_string_actions
-        if self.extends and names and all(n in have for n in names): return have[names[0]]
-        return self.parser.add_argument(*names, **kw)
     def subcommands(self) -> Commands:
         "The sub-commands this command already has."
         return Commands(next(x for x in self.parser._actions if isinstance(x, argparse._SubParsersAction)), self.common)

@@ -92,5 +92,4 @@ def add_commands(sub):
     t.add_argument('--backend', choices=['fastai', 'keras'], default='fastai', help='keras: a Keras cnn_small or mobilenetv2 (--arch), --budget in seconds')
     t.add_argument('--track', action='store_true', help='with --backend keras: log the run to W&B (offline by default)')
     t.option('arch').choices.add(keras_archs)
-    if not any(x.dest == 'budget' for x in t._actions):
-        t.add_argument('--budget', type=float, default=None, help='stop training after this many seconds')
+    # --budget: the train command's own (biovis.commands.data); a Keras model stops after that many seconds

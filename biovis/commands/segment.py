@@ -94,7 +94,7 @@ def add_commands(sub):
                    help='%(choices)s; default: segmentation for a folder of image/ + masks/ pairs (or crackforest, isbi2012), else classification')
     t.add_argument('--scale', type=float, default=1.0, help='segmentation: resize images by this factor (1 = full resolution)')
     t.add_argument('--width', type=int, default=16, help='segmentation: U-Net channels at full resolution')
-    t.add_argument('--budget', type=float, default=None, help='segmentation: stop training after this many seconds')
+    # --budget: the train command's own (biovis.commands.data); segmentation stops after that many seconds
     sub.get('predict').add_argument('--out', default=None, help='segmentation models: folder for the mask PNGs (default: ./masks)')
     sf = sub.add_parser('segment-feedback', help='export the corrected masks of the feedback store as image/ + masks/ (biovis retrain NAME uses them directly)')
     sf.add_argument('dest', help='output folder'); sf.add_argument('--model', default=None, help='only this model\'s predictions')
