@@ -63,6 +63,15 @@ def _conformal_level(v: str | None) -> float:
         if abs(x - lvl) < 1e-9: return lvl
     raise ValueError(f'BIOVIS_CONFORMAL_LEVEL={v!r}: prediction sets are calibrated at {" or ".join(map(str, CONFORMAL_LEVELS))} only')
 
+def _ood_alpha(v: str | None) -> float:
+    "`BIOVIS_OOD_ALPHA` as a fraction in [0, 1) (0.01 and 1% both read as 0.01); a ValueError says what is allowed."
+    if v in (None, ''): return Settings.ood_alpha
+    s = str(v).strip()
+    try: x = float(s.rstrip('%')) / (100 if s.endswith('%') else 1)
+    except ValueError: x = float('nan')
+    if not 0 <= x < 1: raise ValueError(f'BIOVIS_OOD_ALPHA={v!r}: the out-of-distribution level must be in [0, 1), e.g. 0.01 or 1%')
+    return x
+
 @dataclass(frozen=True)
 class Settings:
     "Runtime settings of the workbench, every limit and threshold default in one place; build one with `get_settings()`."
@@ -99,6 +108,7 @@ class Settings:
     serve_models: tuple = ()
     prometheus_url: str | None = None     # the Prometheus that scrapes the hosts (the dashboard's Operations card); None: no card
     conformal_level: float = CONFORMAL_LEVELS[0]   # coverage of the prediction sets the Predictor returns (one of CONFORMAL_LEVELS)
+    ood_alpha: float = 0.01               # out-of-distribution p-value below which an image is referred (biovis.ood); 0: never
     wandb_project: str = 'biovis'
     wandb_entity: str | None = None
     wandb_mode: str = 'offline'           # 'online' when a W&B API key is configured
@@ -143,6 +153,7 @@ def get_settings(**overrides) -> Settings:
               serve_models=tuple(n for n in (e('BIOVIS_SERVE_MODELS') or '').split(',') if n),
               prometheus_url=(e('BIOVIS_PROMETHEUS_URL') or '').rstrip('/') or None,
               conformal_level=_conformal_level(e('BIOVIS_CONFORMAL_LEVEL')),
+              ood_alpha=_ood_alpha(e('BIOVIS_OOD_ALPHA')),
               wandb_project=e('BIOVIS_WANDB_PROJECT') or e('WANDB_PROJECT') or 'biovis',
               wandb_entity=e('BIOVIS_WANDB_ENTITY') or e('WANDB_ENTITY') or None,
               wandb_mode=e('BIOVIS_WANDB_MODE') or e('WANDB_MODE') or ('online' if e('WANDB_API_KEY') else 'offline'))

@@ -43,7 +43,7 @@ def drift_features(pred: Predictor, x: np.ndarray, raw_shapes=None) -> tuple:
     return probs, np.concatenate([emb, image_stats(x, raw_shapes)], 1).astype(np.float32)
 
 def predict_with_features(pred: Predictor, srcs) -> tuple:
-    "Classify inputs; returns (one `Prediction` each, their drift features: embedding then `IMAGE_STATS`, N x (k + 6))."
+    "Classify inputs; returns (one `Prediction` each, with its out-of-distribution test, their drift features: embedding then `IMAGE_STATS`, N x (k + 6))."
     raws, x = [], np.empty((len(srcs), *pred.size, pred.channels), np.uint8)
     for i, s in enumerate(srcs):
         try:
@@ -51,7 +51,8 @@ def predict_with_features(pred: Predictor, srcs) -> tuple:
         except InvalidImageError as e:
             raise InvalidImageError(f'input {i}: {e}' if len(srcs) > 1 else str(e)) from None
     probs, feats = drift_features(pred, x, raws)
-    return [pred._wrap(p) for p in probs], feats
+    q = pred.ood_p_values(feats[:, :feats.shape[1] - len(IMAGE_STATS)])
+    return [pred._wrap(p, ood_p=None if q is None else q[j]) for j, p in enumerate(probs)], feats
 
 # %% ../nbs/13_drift.ipynb #db5db7e0
 class DriftError(ValueError):

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import get_device, get_settings
+from .core import get_device, get_settings, get_logger
 from .images import read_image, to_model_input, MAX_BYTES
 from .errors import InvalidImageError, RegistryError
 from .policy import policy_from_dict
 from .conformal import prediction_set, threshold_for, is_referred
+from .ood import OODScorer
 from .models import create_model, predict_proba
 from .registry import ModelRegistry
 from .kinds import BaseKind, register_kind
@@ -30,14 +31,16 @@ __all__ = ['TURBO_LUT', 'Prediction', 'fuse_conv_bn', 'Predictor', 'gradcam', 'c
 # %% ../nbs/06_inference.ipynb #4d2db1e3
 @dataclass
 class Prediction:
-    "One image's prediction: class, index, probabilities per class, model name and version, prediction set and `refer` flag."
+    "One image's prediction: class, index, probabilities per class, model name and version, prediction set, out-of-distribution test and `refer` flag."
     label: str
     index: int
     probs: dict
     model: str
     version: str
     set: list | None = None          # the prediction set at the serving level, most probable first; None: the model has none
-    refer: bool | None = None        # the set is not one class (several, or none)
+    refer: bool | None = None        # the set is not the predicted class alone, or the image is out of distribution
+    ood: bool | None = None          # out of distribution: ood_p below the setting BIOVIS_OOD_ALPHA; None: the version has no drift reference
+    ood_p: float | None = None       # the image's conformal p-value against the version's reference images (biovis.ood)
 
     @property
     def confidence(self) -> float: return self.probs[self.label]
@@ -59,6 +62,8 @@ def fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 # %% ../nbs/06_inference.ipynb #b861375e
+_OOD_LOCK = threading.Lock()
+
 @register_kind('classification', 'fastai')
 class Predictor(BaseKind):
     "A classification model with its metadata, ready to classify validated inputs (the `classification.fastai` kind)."
@@ -112,19 +117,56 @@ class Predictor(BaseKind):
         if self.__dict__.get('conformal_level') is None: self.conformal_level = get_settings().conformal_level    # read once
         return threshold_for(self.meta.get('conformal'), self.conformal_level, self.tta)
 
-    def _wrap(self, p) -> Prediction:
+    @property
+    def ood_level(self) -> float:
+        "The p-value below which an image is out of distribution: `ood_alpha`, default the setting `BIOVIS_OOD_ALPHA` (read once)."
+        if self.__dict__.get('ood_alpha') is None: self.ood_alpha = get_settings().ood_alpha
+        return self.ood_alpha
+
+    def _ood_scorer(self):
+        "The `OODScorer` of the version's drift reference, built on first use; None without a reference (or with one too small to test against)."
+        if '_ood' not in self.__dict__:
+            with _OOD_LOCK:
+                if '_ood' not in self.__dict__:
+                    d, info, sc = self.drift_dir, self.meta.get('drift'), None
+                    f = Path(d)/info.get('file', 'drift.npz') if d is not None and info else None
+                    if f is not None and f.exists():
+                        try: sc = OODScorer.from_reference(f)
+                        except (ValueError, KeyError) as e: get_logger('inference').warning('%s %s: no out-of-distribution test: %s', self.name, self.version, e)
+                    self._ood = sc
+        return self._ood
+
+    def ood_p_values(self, emb) -> np.ndarray | None:
+        "The out-of-distribution p-value of each reduced embedding in `emb` (N x k, or one row: `features`' second output); None without a reference, or for embeddings of another size (none: a Keras model without one)."
+        sc = self._ood_scorer()
+        emb = None if emb is None else np.atleast_2d(np.asarray(emb, np.float32))
+        if sc is None or emb is None or emb.shape[1] != sc.dim: return None
+        return sc.p_values(sc.scores(emb))
+
+    def _wrap(self, p, emb=None, ood_p=None) -> Prediction:
+        "The `Prediction` of one image from its probabilities `p` and its reduced embedding `emb` (from `features`), or the p-value `ood_p` already computed from it."
         i = int(p.argmax())
         s = prediction_set(p, self.set_threshold, self.classes)
+        if ood_p is None and emb is not None:
+            q = self.ood_p_values(emb); ood_p = None if q is None else q[0]
+        ood = None if ood_p is None else bool(ood_p < self.ood_level)
+        r = is_referred(s, self.classes[i])
         return Prediction(self.classes[i], i, {c: float(q) for c, q in zip(self.classes, p)}, self.name, self.version,
-                          s, is_referred(s, self.classes[i]))
+                          s, None if r is None and ood is None else bool(r) or bool(ood), ood, None if ood_p is None else float(ood_p))
+
+    def _predictions(self, srcs) -> list:
+        if self._ood_scorer() is None: return [self._wrap(p) for p in self.predict_proba(srcs)]
+        probs, emb = self.features(self._preprocess_all(srcs))      # the embedding from the same forward pass
+        q = self.ood_p_values(emb)
+        return [self._wrap(p, ood_p=None if q is None else q[j]) for j, p in enumerate(probs)]
 
     def predict(self, src) -> Prediction:
         "Classify one input."
-        return self._wrap(self.predict_proba([src])[0])
+        return self._predictions([src])[0]
 
     def predict_batch(self, srcs) -> list:
         "Classify many inputs; returns one `Prediction` each, in order."
-        return [self._wrap(p) for p in self.predict_proba(list(srcs))]
+        return self._predictions(list(srcs))
 
 # %% ../nbs/06_inference.ipynb #093de504
 def _last_conv(model: torch.nn.Module) -> torch.nn.Module:
@@ -182,7 +224,9 @@ def explain(self: Predictor, src, target: int | None = None):
     heat, t = gradcam(self.model, x, target)
     from PIL import Image as _I
     heat = np.asarray(_I.fromarray((heat * 255).astype(np.uint8)).resize((img.shape[1], img.shape[0]), _I.BILINEAR)) / 255.
-    return heat, img, self._wrap(predict_proba(self.model, a[None], tta=self.tta, device=self.device, temperature=self.temperature, views=self.views)[0])
+    if self._ood_scorer() is None: probs, emb = predict_proba(self.model, a[None], tta=self.tta, device=self.device, temperature=self.temperature, views=self.views), None
+    else: probs, emb = self.features(a[None])      # with the embedding: the out-of-distribution test too
+    return heat, img, self._wrap(probs[0], emb)
 
 # %% ../nbs/06_inference.ipynb #7197dabc
 class _FeatureTap:

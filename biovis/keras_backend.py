@@ -230,4 +230,5 @@ class KerasPredictor(ArtifactPredictor):
         cam = cam / cam.max() if cam.max() > 0 else cam
         from PIL import Image as _I
         heat = np.asarray(_I.fromarray((cam * 255).astype(np.uint8)).resize((img.shape[1], img.shape[0]), _I.BILINEAR)) / 255.
-        return heat, img, self._wrap(self._forward(a[None], False)[0][0])
+        probs, emb = self.features(a[None])           # with the embedding: the out-of-distribution test too
+        return heat, img, self._wrap(probs[0], emb)

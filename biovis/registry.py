@@ -15,6 +15,7 @@ import torch
 import biovis
 from .policy import policy_from_dict
 from .conformal import card_line
+from .ood import card_line as ood_card_line
 from .core import get_settings, atomic_write, write_json, read_json, sha256_file, git_commit, _fsync_dir
 from .errors import RegistryError, ModelNotFoundError
 
@@ -274,7 +275,7 @@ def model_card(meta: dict) -> str:
              '- **Probabilities**: ' + (f"softmax of the logits / T, T = {cal['temperature']:.4f} fitted on the `{cal['fitted_on']}` split "
                                         f"(NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f})" if cal.get('fitted_on') else
                                         f"softmax of the logits, not calibrated{' (' + cal['note'] + ')' if cal.get('note') else ''}"),
-             *filter(None, [card_line(meta)]), '']
+             *filter(None, [card_line(meta), ood_card_line(meta)]), '']
     if m:
         lines += [f"## Performance on the held-out `{m.get('split', 'test')}` split (n = {m.get('n')}, TTA {m.get('tta')})", '',
                   '| metric | value |', '|---|---|']

@@ -72,7 +72,7 @@ def test_predictor_returns_set_and_refer(predictor, test_split, sample_ds):
     x, y = test_split
     preds = predictor.predict_batch(list(x))
     assert all(p.set is not None and (p.label not in p.set or p.set[0] == p.label) for p in preds)
-    assert all(p.refer is (p.set != [p.label]) for p in preds)
+    assert all(p.refer is (p.set != [p.label] or p.ood) for p in preds)        # or out of distribution: tests/test_ood.py
     assert any(p.refer for p in preds) and not all(p.refer for p in preds)
     assert all(set(p.set) <= set(sample_ds.classes) for p in preds)
     cov = np.mean([sample_ds.classes[t] in p.set for p, t in zip(preds, y)])
@@ -102,7 +102,7 @@ def test_biovis_serve_answers_with_set_and_refer(trained, predictor, test_split,
         got = r.json()['predictions']
         want = predictor.predict_batch(list(x[list(idx)]))
         assert [g['set'] for g in got] == [w.set for w in want]
-        assert [g['refer'] for g in got] == [w.refer for w in want] == [w.set != [w.label] for w in want]
+        assert [g['refer'] for g in got] == [w.refer for w in want] == [w.set != [w.label] or w.ood for w in want]
     finally: stop_process(proc, log)
 
 

@@ -51,6 +51,7 @@ def cmd_evaluate(a):
 def cmd_predict(a):
     "Classify image files with a registered classifier (any backend: `load_predictor` picks the class)."
     from biovis.conformal import describe_set
+    from biovis.ood import describe_ood
     from biovis.kinds import load_predictor
     from biovis.data import InvalidImageError
     p = load_predictor(a.model, a.version, registry=registry_of(a), tta=a.tta)
@@ -62,7 +63,8 @@ def cmd_predict(a):
             continue
         if a.json: print(json.dumps(dict(file=f, **r.to_dict())))
         else: print(f'{f}: {r.label} (p={r.confidence:.3f})  ' + ', '.join(f'{c} {q:.3f}' for c, q in r.top(3)[1:]) + f'  [{r.model} {r.version}]'
-                    + (f'  set: {describe_set(r.set, r.label)}' if getattr(r, 'refer', False) else ''))
+                    + (f'  set: {describe_set(r.set, r.label)}' if getattr(r, 'refer', False) else '')
+                    + (f'  {describe_ood(r.ood, r.ood_p)}' if getattr(r, 'ood', False) else ''))
     if bad: return EXIT_BAD_INPUT
 
 # %% ../../nbs/98a_commands.models.ipynb #7c0af91e

@@ -16,7 +16,7 @@ from ..errors import InvalidImageError, InvalidRequestError, RegistryError
 from ..registry import kind_of
 from ..feedback import FeedbackStore, UnknownPredictionError, hold_reason
 from ..inference import overlay
-from ..drift import drift_features
+from ..drift import drift_features, IMAGE_STATS
 from .limits import RateLimiter
 from .uploads import RequestBudget, check_upload_size
 from .metrics import Metrics
@@ -28,7 +28,7 @@ __all__ = ['INLINE_DECODE_PIXELS', 'predicts_for', 'PredictionService']
 # %% ../../nbs/12_serve.service.ipynb #2094d7d5
 INLINE_DECODE_PIXELS = 128 * 128     # images up to this many pixels are decoded on the event loop (a 28-px PNG: about 0.05 ms)
 _PREDICT_BY_KIND = {}
-_ANSWER_ONLY = ('set', 'refer')      # in the answer, not in the store (made again from the stored probabilities)
+_ANSWER_ONLY = ('set', 'refer', 'ood', 'ood_p')    # in the answer, not in the store (made again from the stored probabilities and embedding)
 
 def _stored(row: dict) -> dict: return {k: v for k, v in row.items() if k not in _ANSWER_ONLY}
 
@@ -75,7 +75,8 @@ class PredictionService:
         if b is None:
             def fn(items):      # one forward pass, then one transaction, for the whole batch
                 probs, feats = drift_features(pred, np.stack([i[0] for i in items]), [i[1] for i in items])
-                rows = [self._row(pred, (p, f), *i[3:]) for p, f, i in zip(probs, feats, items)]
+                q = pred.ood_p_values(feats[:, :feats.shape[1] - len(IMAGE_STATS)])      # the reduced embedding: the first columns
+                rows = [self._row(pred, (p, f, None if q is None else q[j]), *i[3:]) for j, (p, f, i) in enumerate(zip(probs, feats, items))]
                 stored = self._store_batch([(i[2], r) for i, r in zip(items, rows)])
                 return [s if isinstance(s, Exception) else (r, s) for r, s in zip(rows, stored)]
             b = pred.__dict__.setdefault('_microbatcher', MicroBatcher(fn, on_batch=self.metrics.batch.labels(pred.name).observe,
@@ -109,15 +110,16 @@ class PredictionService:
         return raw, to_model_input(raw, pred.size, pred.channels)
 
     def _row(self, pred, out, filename, user, t0) -> dict:
-        "The prediction row to log, with its drift features (the reduced embedding and the image statistics)."
-        probs, feats = out
-        p = pred._wrap(probs)
+        "The prediction row to log from `out` = (probabilities, drift features: the reduced embedding and the image statistics, out-of-distribution p-value or None)."
+        probs, feats, ood_p = out
+        p = pred._wrap(probs, ood_p=ood_p)
         return dict(model=pred.name, version=pred.version, label=p.label, probs=p.probs, user=user, filename=filename,
-                    embedding=feats, latency_ms=(time.perf_counter() - t0) * 1e3, set=p.set, refer=p.refer)
+                    embedding=feats, latency_ms=(time.perf_counter() - t0) * 1e3, set=p.set, refer=p.refer, ood=p.ood, ood_p=p.ood_p)
 
     def _answer(self, row: dict, pid: str, sha: str) -> dict:
         self.metrics.predictions.labels(row['model'], row['label']).inc()
-        return dict(id=pid, label=row['label'], probs=row['probs'], set=row.get('set'), refer=row.get('refer'), model=row['model'],
+        return dict(id=pid, label=row['label'], probs=row['probs'], set=row.get('set'), refer=row.get('refer'),
+                    ood=row.get('ood'), ood_p=row.get('ood_p'), model=row['model'],
                     version=row['version'], latency_ms=round(row['latency_ms'], 3), filename=row['filename'], image_sha256=sha)
 
     def predict(self, data: bytes, filename: str | None = None, model: str | None = None, user: str | None = None) -> dict:

@@ -19,6 +19,7 @@ from ..errors import BiovisError, InvalidImageError, InvalidInputError
 from ..images import read_image
 from ..inference import overlay
 from ..conformal import describe_set, prediction_set, threshold_for
+from ..ood import describe_ood
 from ..segment import SegPredictor
 from .segment import seg_tab
 
@@ -61,6 +62,10 @@ def _gradcam(service, data, model=None) -> dict:
     heat, img, _ = service.pool.get(model).explain(data)
     return dict(heat=heat, img=img)
 
+def _set_text(r: dict) -> str:
+    "The set column of one answer: its prediction set as a clinician reads it, then `out of distribution (p = 0.003): refer` when the image is."
+    return '; '.join(filter(None, [describe_set(r.get('set'), r['label']), describe_ood(r.get('ood'), r.get('ood_p'))]))
+
 def classify_files(service, files, model=None, request=None, alpha: float = 0.5):
     "Classify uploaded files: (label dict of the first, Grad-CAM panel, info markdown with its prediction set, table, prediction ids, Grad-CAM state)."
     if not files: return None, None, 'Upload an image first.', _table(), [], None
@@ -69,7 +74,7 @@ def classify_files(service, files, model=None, request=None, alpha: float = 0.5)
         name = Path(f).name
         try: r = service.predict(_read(f), filename=name, model=model, user=_user(request))
         except InvalidImageError as e: msgs.append(f'**{name}** was not classified: {e}'); continue
-        rows.append(dict(id=r['id'], file=name, predicted=r['label'], p=round(r['probs'][r['label']], 4), set=describe_set(r.get('set'), r['label'])))
+        rows.append(dict(id=r['id'], file=name, predicted=r['label'], p=round(r['probs'][r['label']], 4), set=_set_text(r)))
         ids.append(r['id'])
         if first is None:
             first = r
@@ -79,6 +84,7 @@ def classify_files(service, files, model=None, request=None, alpha: float = 0.5)
     info = (f"**{first['label']}** (p = {first['probs'][first['label']]:.3f}) · model **{first['model']} {first['version']}** · "
             f"prediction id `{first['id']}`")
     if first.get('set') is not None: info += f"\n\n{get_settings().conformal_level:.0%} prediction set: **{describe_set(first['set'], first['label'])}**"
+    if first.get('ood'): info += f"\n\n**{describe_ood(first['ood'], first['ood_p'])}**: the image is unlike the images this model was validated on"
     if msgs: info += '\n\n' + '\n\n'.join(msgs)
     return first['probs'], recolour(cam, alpha), info, _table(rows), ids, cam
 
