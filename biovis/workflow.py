@@ -26,7 +26,7 @@ from .conformal import describe_set
 
 # %% auto #0
 __all__ = ['SMALL_SIDE', 'MAX_BUDGET_EPOCHS', 'image_sizes', 'choose_model', 'epochs_for_budget', 'measure_epoch', 'budget_plan',
-           'BudgetStop', 'train_and_register', 'write_report', 'quickstart']
+           'BudgetStop', 'train_and_register', 'recalibrate_version', 'write_report', 'quickstart']
 
 # %% ../nbs/07_workflow.ipynb #f500b05b
 SMALL_SIDE = 64              # images of one size under this side (px) get the small CNN at their own size
@@ -196,6 +196,37 @@ def train_and_register(ds: ImageDataset, name: str | None = None, arch: str | No
             reg.promote(name, version, reason=f'trained: {why}'); log.info('%s %s promoted to production', name, version)
         else: log.info('%s %s stays candidate: production %s is more accurate', name, version, current)
     return learn, ev, version
+
+# %% ../nbs/07_workflow.ipynb #a83f7153
+def recalibrate_version(ds: ImageDataset, name: str, split: str = 'test', ref: str = 'production', registry: ModelRegistry | None = None,
+                        promote: bool = False, reason: str = '', say=print) -> str:
+    "Register version `ref` of classifier `name` again with its prediction sets recalibrated on `split` of `ds` (a random labelled audit sample of the images it serves); returns the new version (alias `candidate`, or `production` with `promote`)."
+    from biovis.kinds import load_model, kind_of
+    from biovis.models import predict_proba
+    from biovis.policy import policy_from_dict
+    from biovis.conformal import recalibrate, CONFORMAL_LEVELS, METHOD
+    reg = registry or ModelRegistry()
+    model, meta = load_model(name, ref, registry=reg)
+    if kind_of(meta) != ('classification', 'fastai'): raise ValueError(f'{name} {meta["version"]} is a {"/".join(kind_of(meta))} model: sets are recalibrated for fastai classifiers')
+    if list(ds.classes) != list(meta['classes']): raise ValueError(f'{ds.name} has classes {ds.classes}, {name} {meta["version"]} {meta["classes"]}')
+    x, y = ds.tensors(split, tuple(meta['input_size']), meta['channels'])
+    if len(y) < 20: raise ValueError(f'split {split!r} of {ds.name} has {len(y)} labelled images; recalibration needs at least 20 (a few hundred for 95 % sets)')
+    views, T = policy_from_dict(meta.get('policy')).tta_views, (meta.get('calibration') or {}).get('temperature', 1.0)
+    conf = dict(meta.get('conformal') or dict(levels=list(CONFORMAL_LEVELS)), method=METHOD, randomized=False, library='crepes')
+    where = f'{ds.name}:{split}@{ds.version[:12]}'
+    for tta in (False, True): conf = recalibrate(conf, predict_proba(model, x, tta=tta, temperature=T, views=views), y, where, tta)
+    conf.update(fitted_on=where, n=int(len(y)))
+    keep = {k: v for k, v in meta.items() if k not in ('name', 'version', 'created', 'weights', 'weights_sha256', 'biovis_version')}    # git_commit: the code that trained the weights
+    keep['metrics'] = {k: v for k, v in (meta.get('metrics') or {}).items() if not k.startswith('conformal_')}
+    keep.update(conformal=conf, recalibrated_from=meta['version'])
+    src = reg.path(name, meta['version'])
+    extra = {f: (src/f).read_bytes() for f in [(meta.get('drift') or {}).get('file')] if f and (src/f).exists()}
+    why = reason or f'prediction sets recalibrated on {where} (n = {len(y)}) from {meta["version"]}'
+    version = reg.register(name, None, keep, weights_file=src/meta.get('weights', 'model.pt'), extra_files=extra, reason=why)   # the same file, byte for byte
+    if promote: reg.promote(name, version, reason=why)
+    say(f'{name} {version}: the weights of {meta["version"]}, sets recalibrated on {where} (n = {len(y)}); '
+        + ('promoted to production' if promote else 'candidate (biovis models promote to serve it)'))
+    return version
 
 # %% ../nbs/07_workflow.ipynb #db3ccefa
 def _img_tag(a: np.ndarray, scale: int = 4) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import BIOVIS, wait_until_up, stop_process
+from conftest import BIOVIS, run_cli, wait_until_up, stop_process
 
 LEVELS = (0.9, 0.95)
 
@@ -161,3 +161,39 @@ def test_model_without_sets_still_predicts(trained, test_split, tmp_path):
     m = reg.metadata('blood')['metrics']
     assert f"{m['conformal_coverage_90']:.1%}" in line and f"{m['conformal_coverage_95']:.1%}" in line
     svc.store.close()
+
+
+def test_recalibrate_on_an_audit_sample_through_the_cli(trained, sample_ds, tmp_path):
+    "`biovis models recalibrate`: a new version with the same weights file, thresholds fitted on the audit sample (crepes' Mondrian sets on it), the drift reference kept, stale coverage dropped, the move in the alias log; production unchanged until promoted."
+    import shutil
+    from crepes import ConformalClassifier
+    from biovis.conformal import lac_scores, prediction_sets, threshold_for
+    from biovis.registry import ModelRegistry
+    shutil.copytree(trained[0].root, tmp_path/'models')
+    reg = ModelRegistry(tmp_path/'models')
+    v1 = reg.aliases('blood')['production']
+    r = run_cli('models', 'recalibrate', 'blood', '--data', 'sample', '--split', 'test', '--reason', 'audit of November',
+                '--models-dir', tmp_path/'models', home=tmp_path, check=0)
+    v2 = reg.aliases('blood')['candidate']
+    assert v2 != v1 and reg.aliases('blood')['production'] == v1 and f'blood {v2}' in r.stdout
+    m1, m2 = reg.metadata('blood', v1), reg.metadata('blood', v2)
+    assert m2['weights_sha256'] == m1['weights_sha256'] and m2['recalibrated_from'] == v1 and m2['conformal']['n'] == 320
+    assert (reg.path('blood', v2)/'drift.npz').read_bytes() == (reg.path('blood', v1)/'drift.npz').read_bytes()
+    assert not any(k.startswith('conformal_') for k in m2['metrics']) and 'conformal_coverage_90' in m1['metrics']
+    assert reg.history('blood')[-1]['reason'] == 'audit of November' and reg.history('blood')[-1]['version'] == v2
+    # the thresholds are crepes' Mondrian thresholds on the audit sample's plain probabilities
+    x, y = sample_ds.tensors('test')
+    from biovis.kinds import load_model
+    from biovis.models import predict_proba
+    model, meta = load_model('blood', v2, registry=reg)        # as recalibrate_version computes them (the Predictor's fused layers differ in the last bits)
+    probs = predict_proba(model, x, temperature=meta['calibration']['temperature'])
+    q = threshold_for(m2['conformal'], 0.9)
+    assert q != threshold_for(m1['conformal'], 0.9)
+    s = lac_scores(probs)[np.arange(len(y)), y]
+    cc = ConformalClassifier().fit(s, bins=y)
+    pooled = set(m2['conformal']['thresholds']['plain']['pooled'].get('0.9', []))
+    ours = prediction_sets(probs, q).astype(int)
+    for k in set(range(len(sample_ds.classes))) - pooled:
+        lib = cc.predict_set(lac_scores(probs)[:, [k]], bins=np.full(len(y), k), confidence=0.9, smoothing=False)[:, 0]
+        assert (ours[:, k] == lib).all(), k
+    assert abs(ours[np.arange(len(y)), y].mean() - 0.9) < 0.05       # in-sample: on the level by construction

@@ -15,9 +15,9 @@ from .core import (add_listen_options, DATA_HELP, EXIT_BAD_INPUT, EVALUATE, PRED
                                   dispatch, model_kind, add_arch_option)
 
 # %% auto #0
-__all__ = ['cmd_quickstart', 'cmd_evaluate', 'cmd_predict', 'cmd_models_list', 'cmd_models_show', 'cmd_models_promote',
-           'cmd_models_rollback', 'cmd_models_delete', 'cmd_models_history', 'run_evaluate', 'run_predict',
-           'add_commands']
+__all__ = ['cmd_quickstart', 'cmd_evaluate', 'cmd_predict', 'cmd_models_list', 'cmd_models_show', 'cmd_models_recalibrate',
+           'cmd_models_promote', 'cmd_models_rollback', 'cmd_models_delete', 'cmd_models_history', 'run_evaluate',
+           'run_predict', 'add_commands']
 
 # %% ../../nbs/98a_commands.models.ipynb #00c6bbc8
 def cmd_quickstart(a):
@@ -76,6 +76,12 @@ def cmd_models_show(a):
     meta = reg.metadata(a.name, a.version)
     if a.card: print((reg.path(a.name, a.version)/'MODEL_CARD.md').read_text())
     else: print(json.dumps(meta, indent=2))
+
+def cmd_models_recalibrate(a):
+    "Register a classifier's weights again with its prediction sets recalibrated on a random labelled audit sample (`biovis.workflow.recalibrate_version`)."
+    from biovis.data import load_dataset
+    from biovis.workflow import recalibrate_version
+    recalibrate_version(load_dataset(a.data), a.name, split=a.split, ref=a.ref, registry=registry_of(a), promote=a.promote, reason=a.reason)
 
 def cmd_models_promote(a):
     v = registry_of(a).promote(a.name, a.version, a.alias, reason=a.reason or 'by hand (biovis models promote)'); print(f'{a.name} {a.alias} -> {v}')
@@ -151,6 +157,13 @@ def add_commands(sub):
     mp.add_argument('--alias', default='production', choices=['production', 'candidate'], help='the alias (default: production)')
     mp.add_argument('--reason', default='', help='why, for the alias log (biovis models history)')
     mp.set_defaults(fn=cmd_models_promote)
+    mc = m.add_parser('recalibrate', help="recalibrate a classifier's prediction sets on a random labelled sample of your own images (a new version, same weights)")
+    mc.add_argument('name', help='model name'); mc.add_argument('--data', required=True, help='the labelled audit sample: a data set path or name')
+    mc.add_argument('--split', default='test', help='its split to calibrate on (default: test; a folder of class folders is split on load)')
+    mc.add_argument('--ref', default='production', help='the version whose weights are kept (default: production)')
+    mc.add_argument('--promote', action='store_true', help='promote the new version to production (default: it is the candidate)')
+    mc.add_argument('--reason', default='', help='why, for the alias log (biovis models history)')
+    mc.set_defaults(fn=cmd_models_recalibrate)
     mr = m.add_parser('rollback', help='point an alias back at its previous version'); mr.add_argument('name', help='model name')
     mr.add_argument('--alias', default='production', choices=['production', 'candidate'], help='the alias (default: production)')
     mr.add_argument('--reason', default='', help='why, for the alias log (biovis models history)')
