@@ -12,7 +12,8 @@ import numpy as np
 from .core import get_logger
 from .data import ImageDataset
 from .evaluate import Evaluation, calibrated_metrics
-from .train import calibrate
+from .train import calibrate, calibrate_sets
+from .conformal import set_metrics
 from .registry import ModelRegistry
 from .keras_backend import _tf, keras_predict_proba, register_keras
 
@@ -61,6 +62,7 @@ def evaluate_keras(model, ds: ImageDataset, meta: dict, split: str = 'test', tta
     if len(y) == 0: raise ValueError(f'split {split!r} of {ds.name} is empty')
     t = float((meta.get('calibration') or {}).get('temperature', 1.0))
     m, probs = calibrated_metrics(y, lambda t: keras_predict_proba(model, x, meta.get('preprocess', 'scale'), tta=tta, temperature=t), t, ds.classes)
+    m.update(set_metrics(y, probs, meta.get('conformal'), tta))
     return Evaluation(m, list(ds.classes), y, probs, split, tta, ds.version)
 
 # %% ../nbs/17a_keras_train.ipynb #67ed5386
@@ -146,6 +148,8 @@ def train_keras(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr:
     secs = time.perf_counter() - t0
     log_probs = lambda x: np.log(np.clip(keras_predict_proba(model, x), 1e-38, None))    # softmax outputs: their logs are logits up to a constant
     cal = calibrate(log_probs, ds, valid_split, train_splits, size, ds.channels)
+    conf = calibrate_sets(lambda x, tta: keras_predict_proba(model, x, 'scale', tta=tta, temperature=cal['temperature']),   # the sets, as for fastai models
+                          ds, valid_split, train_splits, size, ds.channels)
     meta = dict(arch=f'keras_{arch}', backend='keras', classes=list(ds.classes), input_size=list(size), channels=ds.channels,
                 preprocess='scale', preprocessing=dict(resize='PIL bilinear', scale='1/255', normalize='inside the model'),
                 dataset=dict(name=ds.name, version=ds.version, source=ds.source, train_splits=list(train_splits),
@@ -154,7 +158,7 @@ def train_keras(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr:
                               augment=augment, budget_s=budget_s, seconds=round(secs, 2), device='cpu',
                               best_valid_accuracy=float(sched.best) if sched.best >= 0 else None,
                               history={k: [float(v) for v in vs] for k, vs in hist.history.items()}),
-                calibration=cal, tensorflow_version=tf.__version__, keras_version=keras.__version__, params=int(model.count_params()))
+                calibration=cal, conformal=conf, tensorflow_version=tf.__version__, keras_version=keras.__version__, params=int(model.count_params()))
     return model, meta
 
 # %% ../nbs/17a_keras_train.ipynb #86ef0caa

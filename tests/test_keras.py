@@ -127,6 +127,13 @@ def test_train_keras_through_cli(home):
     meta = ModelRegistry(home/'models').metadata('kcnn', 'latest')
     assert meta['backend'] == 'keras' and meta['arch'] == 'keras_cnn_small' and meta['metrics']['n'] == 320
     assert meta['dataset']['train_splits'] == ['train'] and 0 <= meta['metrics']['accuracy'] <= 1
+    # prediction sets as for fastai models: calibrated on valid, measured on test, served with refer
+    assert meta['conformal']['fitted_on'] == 'valid' and len(meta['conformal']['thresholds']['plain']['0.9']) == len(meta['classes'])
+    assert 0 < meta['metrics']['conformal_coverage_90'] <= 1
+    from biovis.kinds import load_predictor
+    from biovis.data import load_dataset
+    p = load_predictor('kcnn', 'latest', registry=ModelRegistry(home/'models')).predict(_png(load_dataset('sample').tensors('test')[0][0]))
+    assert p.set is not None and p.refer == (p.set != [p.label] or bool(p.ood))
     r = run_cli('evaluate', 'kcnn', '--data', 'sample', '--json', home/'ev.json', home=home, check=0)
     import json
     assert '(keras)' in r.stdout and abs(json.loads((home/'ev.json').read_text())['accuracy'] - meta['metrics']['accuracy']) < 1e-6
