@@ -20,9 +20,10 @@ from .images import (IMAGE_EXTS, MAX_BYTES, MAX_SIDE, MAX_PIXELS, read_image, to
 from .policy import medmnist_info, medmnist_classes, medmnist_modality, medmnist_table, modality_from_readme
 
 # %% auto #0
-__all__ = ['SPLITS', 'GENERIC_NAMES', 'MEDMNIST_SIZES', 'ImageDataset', 'from_npz', 'dataset_name', 'from_folder', 'from_csv',
-           'export_folder', 'medmnist_sets', 'medmnist_2d', 'medmnist_filename', 'default_data_root', 'find_medmnist',
-           'find_bloodmnist', 'load_dataset', 'DataFetchError', 'fetch_medmnist', 'fetch_bloodmnist', 'make_sample']
+__all__ = ['SPLITS', 'GENERIC_NAMES', 'HASH_DISTANCE', 'MAX_PAIRWISE', 'MEDMNIST_SIZES', 'ImageDataset', 'from_npz',
+           'dataset_name', 'phash_views', 'near_duplicate_groups', 'from_folder', 'from_csv', 'export_folder',
+           'medmnist_sets', 'medmnist_2d', 'medmnist_filename', 'default_data_root', 'find_medmnist', 'find_bloodmnist',
+           'load_dataset', 'DataFetchError', 'fetch_medmnist', 'fetch_bloodmnist', 'make_sample']
 
 # %% ../nbs/01_data.ipynb #fe4e3d28
 SPLITS = ('train', 'valid', 'test')
@@ -40,6 +41,7 @@ class ImageDataset:
     modality: str | None = None            # what the images are (biovis.policy.MODALITIES): from MedMNIST's metadata, a README line, or the user
     modality_source: str = ''              # where `modality` came from
     skipped: list = field(default_factory=list)   # folders beside the data that the loader did not read (e.g. 'TEST_SIMPLE/')
+    grouping: dict | None = None           # how near-duplicates were kept together when splits were drawn (`near_duplicate_groups`)
     _hashes: list | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -171,18 +173,65 @@ def dataset_name(path, up: int = 2) -> str:
 
 # %% ../nbs/01_data.ipynb #70a7597e
 _SPLIT_DIRS = {'train': 'train', 'valid': 'valid', 'val': 'valid', 'test': 'test'}
+HASH_DISTANCE = 8         # pHash bits (of 64) within which two images count as copies: distinct blood cells lie >= 10 apart, flipped, JPEG'd or brightened copies <= 2
+MAX_PAIRWISE = 20_000     # up to this many images all pairs are compared (numpy blocks, O(N^2)); above it only equal pHashes group (O(N))
+_DIHEDRAL = (None, *(getattr(Image.Transpose, t) for t in
+                     'ROTATE_90 ROTATE_180 ROTATE_270 FLIP_LEFT_RIGHT FLIP_TOP_BOTTOM TRANSPOSE TRANSVERSE'.split()))
 
-def _stratified_assign(labels, fracs: dict, seed: int) -> np.ndarray:
-    "Assign each index to a split, stratified by label: `fracs` maps split -> fraction; the rest is 'train'."
-    rng = np.random.default_rng(seed)
-    out = np.array(['train'] * len(labels), dtype=object)
-    for c in np.unique(labels):
-        ix = rng.permutation(np.flatnonzero(labels == c)); start = 0
+def phash_views(im) -> np.ndarray:
+    "The 64-bit pHashes (`imagehash`) of the 8 flips and quarter turns of `im` (a path, PIL image or array), the image itself first."
+    import imagehash
+    if not isinstance(im, Image.Image): im = Image.open(im) if isinstance(im, (str, Path)) else Image.fromarray(np.asarray(im).squeeze())
+    im = im.convert('L').resize((32, 32), Image.LANCZOS)
+    return np.array([np.packbits(imagehash.phash(im if t is None else im.transpose(t)).hash.ravel()).view('>u8')[0]
+                     for t in _DIHEDRAL], dtype=np.uint64)
+
+def near_duplicate_groups(hashes, max_bits: int = HASH_DISTANCE) -> np.ndarray:
+    "A group id per image (N x 8 `phash_views`): the connected components (union-find) of the pairs within `max_bits`, a flip or turn apart included."
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    h = np.asarray(hashes, np.uint64).reshape(len(hashes), -1); n = len(h)
+    if n > MAX_PAIRWISE: return np.unique(h.min(1), return_inverse=True)[1].ravel()
+    ii, jj, step = [], [], max(1, 4_000_000 // (h.shape[1] * max(n, 1)))
+    for a in range(0, n, step):          # a block of rows at a time: (rows x N x 8) bit counts, then the closest view
+        i, j = np.nonzero(np.bitwise_count(h[a:a + step, None, :1] ^ h[None]).min(2) <= max_bits)
+        ii.append(i + a); jj.append(j)
+    i, j = (np.concatenate(v) if v else np.zeros(0, int) for v in (ii, jj))
+    return connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n)), directed=False)[1]
+
+def _group_pool(paths, name: str, max_bits: int | None):
+    "(group id per path, a record of the grouping) for drawing splits from `paths`; (None, None) when `max_bits` is None."
+    if max_bits is None or len(paths) < 2: return None, None
+    def views(i, p):
+        try: return phash_views(p)
+        except Exception: return np.random.default_rng(i).integers(0, 2**63, 8, dtype=np.uint64)   # unreadable: a group of its own
+    g = near_duplicate_groups(np.stack([views(i, p) for i, p in enumerate(paths)]), max_bits)
+    sizes = np.bincount(g)
+    rec = dict(method='pHash (imagehash), flips and quarter turns', hash_distance=max_bits, images=len(paths), groups=int(len(sizes)),
+               largest=int(sizes.max()), in_groups=int(sizes[sizes > 1].sum()), pairwise=len(paths) <= MAX_PAIRWISE)
+    get_logger('data').info('%s: %d images to split: %d groups of near-duplicates (pHash within %d bits%s); largest %d, %d images in '
+                            'groups of 2+; each group goes whole to one split', name, len(paths), rec['groups'], max_bits,
+                            '' if rec['pairwise'] else ', equal hashes only above %d images' % MAX_PAIRWISE, rec['largest'], rec['in_groups'])
+    return g, rec
+
+def _stratified_assign(labels, fracs: dict, seed: int, groups=None) -> np.ndarray:
+    "Assign each index to a split, stratified by label: `fracs` maps split -> fraction; the rest is 'train'. With `groups` (an id per index) whole groups move, each under its most common label, as close to the fractions as their sizes allow."
+    rng, labels = np.random.default_rng(seed), np.asarray(labels, dtype=np.int64)
+    if not len(labels): return np.array([], dtype=object)
+    g = np.arange(len(labels)) if groups is None else np.unique(groups, return_inverse=True)[1].ravel()
+    size, counts = np.bincount(g), np.zeros((g.max() + 1, labels.max() + 1))
+    np.add.at(counts, (g, labels), 1)
+    glab, out = counts.argmax(1), np.array(['train'] * len(size), dtype=object)
+    for c in np.unique(glab):
+        left = list(rng.permutation(np.flatnonzero(glab == c))); n = int(size[left].sum())
         for s, f in fracs.items():
-            k = int(round(f * len(ix)))
-            if f > 0 and k == 0 and len(ix) - start > 1: k = 1   # a rare class still appears in every split
-            out[ix[start:start + k]] = s; start += k
-    return out
+            k, taken, rest = int(round(f * n)), 0, []
+            if f > 0 and k == 0 and len(left) > 1: k = 1   # a rare class still appears in every split
+            for gi in left:                                  # with single images: the first k of the shuffled class
+                if taken + size[gi] / 2 <= k: out[gi] = s; taken += size[gi]
+                else: rest.append(gi)
+            left = rest
+    return out[g]
 
 def _list_images(d: Path):
     return sorted(p for p in d.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.'))
@@ -198,8 +247,8 @@ def _skipped_folders(root: Path, split_dirs: dict) -> list:
     return [f'{d.name}/' for d in out]
 
 def from_folder(path, valid_pct: float = 0.15, test_pct: float = 0.15, seed: int = 42,
-                name: str | None = None) -> ImageDataset:
-    "Load `path/[split/]class/image` folders; split at random (stratified, seeded) where no split folders exist."
+                name: str | None = None, hash_distance: int | None = HASH_DISTANCE) -> ImageDataset:
+    "Load `path/[split/]class/image` folders; where split folders are missing, draw them (stratified, seeded) keeping near-duplicates (pHash within `hash_distance` bits; None: no grouping) in one split."
     root = Path(path)
     if not root.is_dir(): raise ValueError(f'{root} is not a folder')
     split_dirs = {}
@@ -220,17 +269,20 @@ def from_folder(path, valid_pct: float = 0.15, test_pct: float = 0.15, seed: int
     missing = {'valid': valid_pct, 'test': test_pct}
     missing = {k: v for k, v in missing.items() if k not in split_dirs}
     undecided = np.array([s is None or s == 'train' for s in splits])
+    grouping = None
     if missing:
         pool = np.flatnonzero(undecided)
-        splits[pool] = _stratified_assign(labels[pool], missing, seed)
+        groups, grouping = _group_pool([paths[i] for i in pool], name or dataset_name(root), hash_distance)
+        splits[pool] = _stratified_assign(labels[pool], missing, seed, groups)
     modality = modality_from_readme(root)
     return ImageDataset(classes, labels, splits, paths=paths, source=str(root), name=name or dataset_name(root),
-                        modality=modality, modality_source='README' if modality else '', skipped=skipped)
+                        modality=modality, modality_source='README' if modality else '', skipped=skipped,
+                        grouping=grouping)
 
 # %% ../nbs/01_data.ipynb #d917974a
 def from_csv(path, valid_pct: float = 0.15, test_pct: float = 0.15, seed: int = 42, classes: list | None = None,
-             name: str | None = None) -> ImageDataset:
-    "Load a `path,label[,split]` CSV."
+             name: str | None = None, hash_distance: int | None = HASH_DISTANCE) -> ImageDataset:
+    "Load a `path,label[,split]` CSV; without a split column, draw the splits keeping near-duplicates together (see `from_folder`)."
     path = Path(path)
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = {'path', 'label'} - set(df.columns)
@@ -246,9 +298,10 @@ def from_csv(path, valid_pct: float = 0.15, test_pct: float = 0.15, seed: int = 
         sp = [_SPLIT_DIRS.get(s.strip().lower()) for s in df['split']]
         if None in sp: raise ValueError(f'{path}: split values must be train, valid (val) or test')
         splits = np.array(sp, dtype=object)
-    else: splits = _stratified_assign(labels, {'valid': valid_pct, 'test': test_pct}, seed)
+    groups, grouping = (None, None) if 'split' in df.columns else _group_pool(paths, name or dataset_name(path), hash_distance)
+    if 'split' not in df.columns: splits = _stratified_assign(labels, {'valid': valid_pct, 'test': test_pct}, seed, groups)
     return ImageDataset(classes, labels, splits, paths=[Path(p) for p in paths], source=str(path.parent),
-                        name=name or dataset_name(path))
+                        name=name or dataset_name(path), grouping=grouping)
 
 # %% ../nbs/01_data.ipynb #19467f5b
 def export_folder(ds: ImageDataset, dest, fmt: str = 'png', per_class: int | None = None) -> Path:

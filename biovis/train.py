@@ -29,8 +29,8 @@ from .models import ARCHS, create_model, set_normalization, predict_logits, pred
 from .conformal import CONFORMAL_LEVELS, METHOD, calibrate_conformal
 
 # %% auto #0
-__all__ = ['ArrayDataset', 'ArrayDL', 'make_dls', 'random_affine', 'color_jitter', 'PolicyAug', 'nll', 'fit_temperature',
-           'calibrate', 'calibrate_sets', 'train']
+__all__ = ['SATURATED_ACCURACY', 'SATURATED_NLL', 'ArrayDataset', 'ArrayDL', 'make_dls', 'random_affine', 'color_jitter',
+           'PolicyAug', 'nll', 'fit_temperature', 'saturated', 'calibrate', 'calibrate_sets', 'train']
 
 # %% ../nbs/03_train.ipynb #67c3bd46
 class ArrayDataset:
@@ -126,6 +126,17 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds=(0.05, 20.0)) -> f
     return t if nll(logits, y, t) < nll(logits, y) else 1.0
 
 # %% ../nbs/03_train.ipynb #bc1894fd
+SATURATED_ACCURACY, SATURATED_NLL = 0.995, 0.01   # a validation split this good holds no errors to scale a temperature on
+
+def saturated(logits: np.ndarray, y: np.ndarray, temperature: float | None = None, bounds=(0.05, 20.0)) -> str | None:
+    "Why a temperature must not be fitted on `logits` and labels `y` (accuracy >= SATURATED_ACCURACY, NLL < SATURATED_NLL, or the fitted `temperature` at the lower bound of `bounds`), or None."
+    acc, loss = float((np.asarray(logits).argmax(1) == np.asarray(y)).mean()), nll(logits, y)
+    at_bound = temperature is not None and temperature <= bounds[0] * 1.05
+    if acc < SATURATED_ACCURACY and loss >= SATURATED_NLL and not at_bound: return None
+    return (f'validation saturated: accuracy {acc:.4f}, NLL {loss:.4f} on {len(y)} images'
+            + (f', fitted T {temperature:.3f} at the lower bound {bounds[0]}' if at_bound else '')
+            + '; T = 1 kept (near-duplicates of training images in validation? a temperature fitted there collapses)')
+
 def calibrate(logits_of, ds: ImageDataset, split: str | None = 'valid', train_splits=('train',), size=None, channels=None) -> dict:
     "A model's `calibration` metadata: the temperature fitted on `split` of `ds`, `logits_of(x)` giving the logits (or log-probabilities) of `uint8` images `x`; T = 1 with a note when `split` is None, empty or trained on."
     none = lambda why: dict(method='temperature', temperature=1.0, fitted_on=None, note=why)
@@ -134,6 +145,10 @@ def calibrate(logits_of, ds: ImageDataset, split: str | None = 'valid', train_sp
     x, y = ds.tensors(split, size, channels)
     if not len(y): return none(f'the {split} split is empty')
     z = logits_of(x); t = fit_temperature(z, y)
+    why = saturated(z, y, t)
+    if why:
+        get_logger('train').warning('not fitting a temperature on the %s split: %s', split, why)
+        return dict(none(why), n=int(len(y)), nll_before=nll(z, y), rejected_temperature=t)
     return dict(method='temperature', temperature=t, fitted_on=split, n=int(len(y)), nll_before=nll(z, y), nll_after=nll(z, y, t))
 
 
