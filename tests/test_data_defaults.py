@@ -217,3 +217,6 @@ def test_cli_train_with_budget_prints_and_records_its_choices(tmp_path):
     assert t['epoch_seconds_measured'] > 0 and t['budget_stopped'] is False
     assert (meta['model_choice']['arch'], meta['model_choice']['size'], meta['model_choice']['chosen_by']) == ('cnn_small', 28, 'the images')
     assert meta['arch'] == 'cnn_small' and meta['input_size'] == [28, 28] and meta['dataset']['skipped'] == ['TEST_SIMPLE/']
+    card = (ModelRegistry(tmp_path/'models').path('cells', 'v1')/'MODEL_CARD.md').read_text()
+    assert f"- **Network and size chosen**: {meta['model_choice']['why']}" in card and f'- **Time budget**: {line}' in card
+    assert '- **Folders not used**: TEST_SIMPLE/' in card
