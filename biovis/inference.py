@@ -288,4 +288,5 @@ class ArtifactPredictor(Predictor):
     def __init__(self, model, meta: dict, device=None, tta: bool = False, batch_size: int = 256, max_bytes: int = MAX_BYTES):
         self.model, self.meta, self.tta, self.batch_size, self.max_bytes, self.device = model, meta, tta, batch_size, max_bytes, 'cpu'
         self.classes, self.size, self.channels = list(meta['classes']), tuple(meta['input_size']), int(meta['channels'])
+        self.views = policy_from_dict(meta.get('policy')).tta_views     # the test-time views its training policy allows, as for torch models
     def __repr__(self): return f'{type(self).__name__}({self.name} {self.version}, {self.meta["arch"]}, {len(self.classes)} classes, {self.size}, tta={self.tta})'

@@ -12,7 +12,7 @@ import numpy as np
 from .core import get_logger, sha256_file, set_env
 from .errors import BackendUnavailableError, InvalidInputError
 from .data import MAX_BYTES, read_image, to_model_input
-from .models import temper
+from .models import temper, DIHEDRAL, array_views
 from .registry import ModelRegistry
 from .kinds import register_kind
 from .inference import Predictor, ArtifactPredictor
@@ -68,18 +68,16 @@ def _as_probs(out) -> np.ndarray:
         e = np.exp(out - out.max(1, keepdims=True)); out = e / e.sum(1, keepdims=True)
     return out
 
-def _views(x, tta):
-    if not tta: return [x]
-    vs = [np.rot90(x, k, (1, 2)) for k in range(4)] if x.shape[1] == x.shape[2] else [x]
-    return vs + [v[:, :, ::-1] for v in vs]
+def _views(x, tta, views=DIHEDRAL): return array_views(x, views) if tta else [x]
 
-def keras_predict_proba(model, x: np.ndarray, preprocess: str = 'scale', bs: int = 256, tta: bool = False, temperature: float = 1.0) -> np.ndarray:
-    "Softmax probabilities (N x classes) of a Keras `model` for uint8 images `x` (N x H x W x C), at `temperature` (see `biovis.train.temper`)."
+def keras_predict_proba(model, x: np.ndarray, preprocess: str = 'scale', bs: int = 256, tta: bool = False, temperature: float = 1.0,
+                        views=DIHEDRAL) -> np.ndarray:
+    "Softmax probabilities (N x classes) of a Keras `model` for uint8 images `x` (N x H x W x C), at `temperature` (see `biovis.train.temper`); `tta` averages `views` (those the model's `DataPolicy` allows)."
     out = []
     for i in range(0, len(x), bs):
-        views = _views(x[i:i + bs], tta)
+        views_ = _views(x[i:i + bs], tta, views)
         out.append(np.mean([temper(_as_probs(model(apply_preprocess(np.ascontiguousarray(v), preprocess), training=False)), temperature)
-                            for v in views], 0))
+                            for v in views_], 0))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 # %% ../nbs/17_keras.ipynb #82672055
@@ -186,7 +184,7 @@ class KerasPredictor(ArtifactPredictor):
         fm = self._feature_model() if with_emb else None
         probs, embs = [], []
         for i in range(0, len(x), self.batch_size):
-            views = _views(x[i:i + self.batch_size], self.tta)
+            views = _views(x[i:i + self.batch_size], self.tta, self.views)
             ps, es = [], []
             for v in views:
                 xin = apply_preprocess(np.ascontiguousarray(v), self.preprocess_rule)

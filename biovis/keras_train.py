@@ -16,6 +16,7 @@ from .train import calibrate, calibrate_sets
 from .conformal import set_metrics
 from .registry import ModelRegistry
 from .keras_backend import _tf, keras_predict_proba, register_keras
+from .policy import DataPolicy, resolve_policy, policy_from_dict
 
 # %% auto #0
 __all__ = ['KERAS_ARCHS', 'keras_cnn_small', 'keras_mobilenetv2', 'evaluate_keras', 'train_keras', 'train_and_register_keras']
@@ -61,23 +62,35 @@ def evaluate_keras(model, ds: ImageDataset, meta: dict, split: str = 'test', tta
     x, y = ds.tensors(split, tuple(meta['input_size']), meta['channels'])
     if len(y) == 0: raise ValueError(f'split {split!r} of {ds.name} is empty')
     t = float((meta.get('calibration') or {}).get('temperature', 1.0))
-    m, probs = calibrated_metrics(y, lambda t: keras_predict_proba(model, x, meta.get('preprocess', 'scale'), tta=tta, temperature=t), t, ds.classes)
+    views = policy_from_dict(meta.get('policy')).tta_views
+    m, probs = calibrated_metrics(y, lambda t: keras_predict_proba(model, x, meta.get('preprocess', 'scale'), tta=tta, temperature=t, views=views), t, ds.classes)
     m.update(set_metrics(y, probs, meta.get('conformal'), tta))
     return Evaluation(m, list(ds.classes), y, probs, split, tta, ds.version)
 
 # %% ../nbs/17a_keras_train.ipynb #67ed5386
-def _augment(tf, x, jitter: float = 0.2):
-    "Per image: one of the 4 rotations by 90 degrees (square images), a mirror half the time, brightness and contrast within +-`jitter`."
-    n = tf.shape(x)[0]
-    if x.shape[1] == x.shape[2]:
-        k = tf.random.uniform([n], 0, 4, dtype=tf.int32)
-        rots = tf.stack([tf.image.rot90(x, i) for i in range(4)], 1)            # N x 4 x H x W x C
-        x = tf.gather(rots, k, axis=1, batch_dims=1)
-    x = tf.image.random_flip_left_right(x)
-    u = lambda: 1 + tf.random.uniform([n, 1, 1, 1], -jitter, jitter)
-    x = x * u()
-    mu = tf.reduce_mean(x, [1, 2, 3], keepdims=True)
-    return tf.clip_by_value((x - mu) * u() + mu, 0, 1)
+def _augmenter(tf, keras, policy: DataPolicy, size, seed: int = 42):
+    """The training transforms `policy` allows, as a function of a batch (N x H x W x C in [0, 1]), as `biovis.train.PolicyAug` does for
+    fastai: one of the 4 quarter turns (square images) and a mirror half the time only where they keep the label, free rotations up to
+    `policy.rotate` degrees and shifts up to `policy.shift` px (Keras' random layers, reflected borders), brightness and contrast within +-`policy.jitter`."""
+    rot = keras.layers.RandomRotation(policy.rotate / 360, fill_mode='reflect', seed=seed) if policy.rotate else None
+    shift = (keras.layers.RandomTranslation(policy.shift / size[0], policy.shift / size[1], fill_mode='reflect', seed=seed + 1)
+             if policy.shift else None)
+    def augment(x):
+        n = tf.shape(x)[0]
+        if policy.rot90 and x.shape[1] == x.shape[2]:
+            k = tf.random.uniform([n], 0, 4, dtype=tf.int32)
+            rots = tf.stack([tf.image.rot90(x, i) for i in range(4)], 1)            # N x 4 x H x W x C
+            x = tf.gather(rots, k, axis=1, batch_dims=1)
+        if policy.flip: x = tf.image.random_flip_left_right(x)
+        if rot is not None: x = rot(x, training=True)
+        if shift is not None: x = shift(x, training=True)
+        if policy.jitter:
+            u = lambda: 1 + tf.random.uniform([n, 1, 1, 1], -policy.jitter, policy.jitter)
+            x = x * u()
+            mu = tf.reduce_mean(x, [1, 2, 3], keepdims=True)
+            x = (x - mu) * u() + mu
+        return tf.clip_by_value(x, 0, 1)
+    return augment
 
 def _one_cycle(frac: float, lr: float, pct_start: float = 0.25, div: float = 25, div_final: float = 1e4) -> float:
     "Learning rate at fraction `frac` of training: cosine warm-up from lr/div to lr, then cosine down to lr/div_final."
@@ -115,8 +128,9 @@ def _wandb_callback(keras, run):
 def train_keras(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float = 3e-3, bs: int = 128,
                 size=None, seed: int = 42, wd: float = 1e-4, label_smoothing: float = 0.1, augment: bool = True,
                 budget_s: float | None = None, train_splits=('train',), valid_split: str = 'valid', run=None,
-                progress: bool = False, **arch_kw):
-    "Train Keras `arch` (`KERAS_ARCHS`) on `ds`; with `budget_s`, for that many seconds (`epochs` is then an upper bound). Returns (model, metadata)."
+                progress: bool = False, policy: DataPolicy | str | None = None, **arch_kw):
+    """Train Keras `arch` (`KERAS_ARCHS`) on `ds`; with `budget_s`, for that many seconds (`epochs` is then an upper bound). Returns (model, metadata).
+    `policy` (a `DataPolicy` or a modality name; default: the data set's own, as for fastai) sets the augmentation and the test-time views."""
     tf, keras = _tf(); log = get_logger('keras')
     if arch not in KERAS_ARCHS: raise ValueError(f'unknown Keras architecture {arch!r}; choose one of {sorted(KERAS_ARCHS)}')
     keras.utils.set_random_seed(seed)
@@ -131,9 +145,11 @@ def train_keras(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr:
     del xf
     model.compile(optimizer=keras.optimizers.AdamW(learning_rate=lr, weight_decay=wd),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing), metrics=['accuracy'])
+    policy = resolve_policy(ds, policy)
+    aug = _augmenter(tf, keras, policy, size, seed)
     def prep(x, y):
         x = tf.cast(x, tf.float32) / 255
-        return (_augment(tf, x) if augment else x), tf.one_hot(y, n)
+        return (aug(x) if augment else x), tf.one_hot(y, n)
     train_data = (tf.data.Dataset.from_tensor_slices((xt, yt)).shuffle(len(yt), seed=seed, reshuffle_each_iteration=True)
                   .batch(bs, drop_remainder=len(yt) > bs).map(prep, num_parallel_calls=2).prefetch(2))
     valid_data = tf.data.Dataset.from_tensor_slices((xv, yv)).batch(bs * 2).map(lambda x, y: (tf.cast(x, tf.float32) / 255, tf.one_hot(y, n)))
@@ -142,13 +158,14 @@ def train_keras(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr:
     cbs = [sched] + ([_wandb_callback(keras, run)] if run is not None else [])
     log.info('training Keras %s on %s: %d train / %d valid images at %dx%d, %s', arch, ds.name, len(yt), len(yv), *size,
              f'{budget_s:.0f} s budget' if budget_s else f'{epochs} epochs')
+    log.info('augmentation and test-time views: %s%s', policy.describe(), '' if augment else ' (augmentation off: test-time views only)')
     t0 = time.perf_counter()
     hist = model.fit(train_data, validation_data=valid_data, epochs=(epochs or 10_000) if budget_s else epochs,
                      callbacks=cbs, verbose=1 if progress else 0, shuffle=False)
     secs = time.perf_counter() - t0
     log_probs = lambda x: np.log(np.clip(keras_predict_proba(model, x), 1e-38, None))    # softmax outputs: their logs are logits up to a constant
     cal = calibrate(log_probs, ds, valid_split, train_splits, size, ds.channels)
-    conf = calibrate_sets(lambda x, tta: keras_predict_proba(model, x, 'scale', tta=tta, temperature=cal['temperature']),   # the sets, as for fastai models
+    conf = calibrate_sets(lambda x, tta: keras_predict_proba(model, x, 'scale', tta=tta, temperature=cal['temperature'], views=policy.tta_views),   # the sets, as for fastai models
                           ds, valid_split, train_splits, size, ds.channels)
     meta = dict(arch=f'keras_{arch}', backend='keras', classes=list(ds.classes), input_size=list(size), channels=ds.channels,
                 preprocess='scale', preprocessing=dict(resize='PIL bilinear', scale='1/255', normalize='inside the model'),
@@ -158,7 +175,7 @@ def train_keras(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr:
                               augment=augment, budget_s=budget_s, seconds=round(secs, 2), device='cpu',
                               best_valid_accuracy=float(sched.best) if sched.best >= 0 else None,
                               history={k: [float(v) for v in vs] for k, vs in hist.history.items()}),
-                calibration=cal, conformal=conf, tensorflow_version=tf.__version__, keras_version=keras.__version__, params=int(model.count_params()))
+                calibration=cal, conformal=conf, policy=policy.to_dict(), tensorflow_version=tf.__version__, keras_version=keras.__version__, params=int(model.count_params()))
     return model, meta
 
 # %% ../nbs/17a_keras_train.ipynb #86ef0caa

@@ -14,8 +14,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'ARCHS', 'DIHEDRAL', 'Normalize', 'SmallCNN', 'resnet18_small', 'load_lite0_imagenet',
-           'efficientnet_lite0', 'ArchSpec', 'create_model', 'set_normalization', 'predict_logits', 'predict_proba',
-           'temper']
+           'efficientnet_lite0', 'ArchSpec', 'create_model', 'set_normalization', 'array_views', 'predict_logits',
+           'predict_proba', 'temper']
 
 # %% ../nbs/02_models.ipynb #aff3287b
 class Normalize(nn.Module):
@@ -129,6 +129,15 @@ def _view(x, k: int, mirrored: bool):
     "View (`k` quarter turns, `mirrored`) of a batch N x C x H x W."
     if mirrored: x = x.flip(3)
     return torch.rot90(x, k, (2, 3)) if k else x
+
+def array_views(x: np.ndarray, views=DIHEDRAL, axes=(1, 2)) -> list:
+    "The views (`k` quarter turns, `mirrored`) of a NumPy batch `x` whose height and width are `axes`, in the order of `views` (a `DataPolicy.tta_views`), as `_view` makes them for torch: mirrored first; only the unturned views of a non-square image."
+    square = x.shape[axes[0]] == x.shape[axes[1]]
+    out = []
+    for k, m in dict.fromkeys((k if square else 0, m) for k, m in views):
+        v = np.flip(x, axes[1]) if m else x
+        out.append(np.rot90(v, k, axes) if k else v)
+    return out
 
 @torch.no_grad()
 def _run_batches(model, x: np.ndarray, bs: int, device, head) -> np.ndarray:

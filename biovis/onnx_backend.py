@@ -15,7 +15,7 @@ from .data import MAX_BYTES
 from .registry import ModelRegistry, RegistryError
 from .kinds import register_kind, load_model
 from .inference import Predictor, ArtifactPredictor, fuse_conv_bn
-from .models import temper
+from .models import temper, array_views
 
 # %% auto #0
 __all__ = ['OnnxBackendError', 'export_onnx', 'onnx_session', 'register_onnx', 'OnnxPredictor']
@@ -108,7 +108,7 @@ class OnnxPredictor(ArtifactPredictor):
         probs, embs = [], []
         for i in range(0, len(x), self.batch_size):
             xb = np.ascontiguousarray(x[i:i + self.batch_size].transpose(0, 3, 1, 2), dtype=np.float32) / 255
-            views = [xb] if not self.tta else [np.rot90(xb, k, (2, 3)) for k in range(4)] + [np.rot90(xb[..., ::-1], k, (2, 3)) for k in range(4)]
+            views = array_views(xb, self.views, axes=(2, 3)) if self.tta else [xb]     # those its training policy allows
             outs = [self.session.run(None, {'image': np.ascontiguousarray(v)}) for v in views]
             # a temperature the graph does not apply itself (see `Predictor.temperature`), per view, as torch does on the logits
             probs.append(np.mean([temper(o[0], self.temperature) for o in outs], 0)); embs.append(np.mean([o[1] for o in outs], 0))

@@ -147,3 +147,26 @@ def test_torchvision_models_load_after_a_keras_model(tmp_path):
             'print("loaded")')
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and 'loaded' in r.stdout, (r.returncode, r.stderr[-2000:])
+
+
+def test_keras_follows_the_data_policy(keras_files):
+    "Issue 14: the Keras trainer and predictor use the data's policy, not always the 8 dihedral views: no mirror image of a chest X-ray."
+    from dataclasses import replace
+    from biovis.keras_backend import _tf, KerasPredictor, load_keras_model
+    from biovis.keras_train import _augmenter
+    from biovis.policy import policy_for
+    tf, keras = _tf()
+    x = tf.constant(np.random.default_rng(0).random((16, 12, 12, 1)), tf.float32)     # no image equals its mirror or a turn
+    mirrored = lambda a, b: bool(np.any([np.allclose(a[i], b[i][:, ::-1]) for i in range(len(a))]))
+    geometric_only = dict(rotate=0.0, shift=0, jitter=0.0)
+    xray = _augmenter(tf, keras, replace(policy_for('xray'), **geometric_only), (12, 12))
+    assert all(np.allclose(xray(x).numpy(), x.numpy()) for _ in range(5))      # nothing an X-ray's label cannot survive
+    cells = _augmenter(tf, keras, replace(policy_for('microscopy'), **geometric_only), (12, 12))
+    assert not all(np.allclose(cells(x).numpy(), x.numpy()) for _ in range(5))
+    assert any(mirrored(cells(x).numpy(), x.numpy()) for _ in range(5))      # cells: mirrors and quarter turns
+    d, classes, xs, _ = keras_files
+    meta = dict(classes=classes, input_size=[28, 28], channels=3, arch='keras_cnn_small', name='k', version='v1')
+    model = load_keras_model(d/'blood.keras')
+    assert len(KerasPredictor(model, dict(meta, policy=policy_for('xray').to_dict()), tta=True).views) == 1
+    assert len(KerasPredictor(model, dict(meta, policy=policy_for('microscopy').to_dict()), tta=True).views) == 8
+    assert len(KerasPredictor(model, meta, tta=True).views) == 8         # a model from before policies: as it was trained
