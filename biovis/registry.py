@@ -278,7 +278,8 @@ def model_card(meta: dict) -> str:
              '- **Probabilities**: ' + (f"softmax of the logits / T, T = {cal['temperature']:.4f} fitted on the `{cal['fitted_on']}` split "
                                         f"(NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f})" if cal.get('fitted_on') else
                                         f"softmax of the logits, not calibrated{' (' + cal['note'] + ')' if cal.get('note') else ''}"),
-             *filter(None, [card_line(meta), ood_card_line(meta)]), '']
+             *filter(None, [card_line(meta), ood_card_line(meta)]),
+             *[f'- **Warning**: {w}' for w in meta.get('warnings', [])], '']
     if m:
         lines += [f"## Performance on the held-out `{m.get('split', 'test')}` split (n = {m.get('n')}, TTA {m.get('tta')})", '',
                   '| metric | value |', '|---|---|']

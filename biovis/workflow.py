@@ -25,8 +25,9 @@ from .inference import Predictor
 from .conformal import describe_set
 
 # %% auto #0
-__all__ = ['SMALL_SIDE', 'MAX_BUDGET_EPOCHS', 'image_sizes', 'choose_model', 'epochs_for_budget', 'measure_epoch', 'budget_plan',
-           'BudgetStop', 'train_and_register', 'recalibrate_version', 'write_report', 'quickstart']
+__all__ = ['SMALL_SIDE', 'MAX_BUDGET_EPOCHS', 'VALID_GAP', 'image_sizes', 'choose_model', 'epochs_for_budget', 'measure_epoch',
+           'budget_plan', 'BudgetStop', 'validation_gap', 'train_and_register', 'recalibrate_version', 'write_report',
+           'quickstart']
 
 # %% ../nbs/07_workflow.ipynb #f500b05b
 SMALL_SIDE = 64              # images of one size under this side (px) get the small CNN at their own size
@@ -149,6 +150,17 @@ class BudgetStop(Callback):
             self.stopped = True; get_logger('workflow').warning('time budget: stopped after epoch %d of %d', self.epoch + 1, self.n_epoch)
             raise CancelFitException()
 
+# %% ../nbs/07_workflow.ipynb #5cef1e70
+VALID_GAP = 0.05     # validation accuracy this far above the held-out test split's is not believed
+
+def validation_gap(valid_accuracy: float | None, test_accuracy: float, limit: float = VALID_GAP) -> str | None:
+    "A warning when the validation split's accuracy (the one the epochs and the temperature were chosen on) is more than `limit` above the held-out test split's: validation then holds near-copies of training images, or differs from the images the model will see."
+    if valid_accuracy is None or valid_accuracy - test_accuracy <= limit: return None
+    return (f'validation accuracy {valid_accuracy:.3f} is {valid_accuracy - test_accuracy:.3f} above the held-out test accuracy {test_accuracy:.3f}: '
+            'the validation split is not like the test images (near-copies of training images, or another source); '
+            'trust the test figure, and recalibrate the prediction sets on a random labelled sample of your images (biovis models recalibrate)')
+
+
 # %% ../nbs/07_workflow.ipynb #c750ef11
 def train_and_register(ds: ImageDataset, name: str | None = None, arch: str | None = None, epochs: int | None = None,
                        tta: bool = True, promote: bool | str = 'if-better', registry: ModelRegistry | None = None,
@@ -180,6 +192,8 @@ def train_and_register(ds: ImageDataset, name: str | None = None, arch: str | No
     log.info('test split: %s', ev)
     meta = dict(learn.biovis, metrics=dict(ev.summary(), dataset_version=ds.version),
                 per_class=ev.per_class.to_dict('records'), tta=tta)
+    if (w := validation_gap(meta['training'].get('best_valid_accuracy'), ev.metrics['accuracy'])):
+        (log.warning if say == log.info else say)(f'warning: {w}'); meta['warnings'] = [*meta.get('warnings', []), w]
     # the drift reference, on held-out images the model was not trained on: the valid split, or the test split
     # when valid was trained on too (the test split is then only read, never fitted: the reference is no metric)
     from biovis.drift import build_reference, DriftError    # lazily: drift builds on inference, as this module does

@@ -220,3 +220,14 @@ def test_cli_train_with_budget_prints_and_records_its_choices(tmp_path):
     card = (ModelRegistry(tmp_path/'models').path('cells', 'v1')/'MODEL_CARD.md').read_text()
     assert f"- **Network and size chosen**: {meta['model_choice']['why']}" in card and f'- **Time budget**: {line}' in card
     assert '- **Folders not used**: TEST_SIMPLE/' in card
+
+
+def test_validation_far_above_test_is_warned_in_the_card():
+    "Issue 14: validation that lies (0.99 on near-copies vs 0.87 on the test folder) is named in the model card."
+    from biovis.workflow import validation_gap
+    from biovis.registry import model_card
+    w = validation_gap(0.99, 0.87)
+    assert w and '0.120 above' in w and validation_gap(0.90, 0.87) is None
+    meta = dict(name='m', version='v1', classes=['a', 'b'], arch='cnn_small', input_size=[28, 28], channels=3, warnings=[w])
+    assert f'- **Warning**: {w}' in model_card(meta)
+    assert '**Warning**' not in model_card(dict(meta, warnings=[]))
