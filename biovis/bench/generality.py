@@ -7,7 +7,7 @@ size, network) to `reports/benchmarks/generality.json|md`, beside the published 
 
 # %% ../../nbs/09k_bench.generality.ipynb #99bcc90e
 from __future__ import annotations
-import shutil, tempfile, time
+import os, shutil, tempfile, time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -122,6 +122,6 @@ def generality_benchmark(data_root=None, out_dir=None, budget_s: float = 600, se
             res[name] = train_with_defaults(ds, budget_s, reg, say=lambda m: say(f'  {m}'))
             say(f"{name}: test accuracy {res[name]['test_accuracy']:.4f}, AUC {res[name]['test_auc']:.4f}, {res[name]['train_seconds']:.0f} s")
     finally: shutil.rmtree(work, ignore_errors=True)
-    r = dict(info, budget_s=budget_s, sets=res, published=PUBLISHED)
-    write_report('generality', r, _markdown(dict(r, load_average_end=r.get('load_average_end', ''))), out_dir)
+    r = dict(info, budget_s=budget_s, sets=res, published=PUBLISHED, load_average_end=round(os.getloadavg()[0], 2))
+    write_report('generality', r, _markdown(r), out_dir)
     return r
