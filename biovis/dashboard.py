@@ -20,9 +20,9 @@ from .drift import IMAGE_STATS
 
 # %% auto #0
 __all__ = ['LOADER_TTL', 'TEST_NAMES', 'cached', 'clear_cache', 'load_models', 'load_alias_history', 'load_drift',
-           'load_feedback', 'load_sets', 'load_runs', 'load_ops', 'pvalue_figure', 'proportions_figure', 'project_2d',
-           'embedding_figure', 'stats_figure', 'feedback_figure', 'sets_figure', 'sets_summary', 'store_auth_provider',
-           'auth_required', 'build_dashboard', 'serve_dashboard']
+           'load_feedback', 'load_sets', 'load_runs', 'load_ops', 'pvalue_figure', 'proportions_figure',
+           'per_class_figure', 'project_2d', 'embedding_figure', 'stats_figure', 'feedback_figure', 'sets_figure',
+           'sets_summary', 'store_auth_provider', 'auth_required', 'build_dashboard', 'serve_dashboard']
 
 # %% ../nbs/14_dashboard.ipynb #10c6e39a
 _CACHE, _CACHE_LOCK = {}, threading.Lock()
@@ -67,13 +67,17 @@ def load_alias_history(model: str, models_dir=None, n: int = 20) -> pd.DataFrame
 @cached()
 def load_drift(model: str, window: int = 200, models_dir=None, db_url=None) -> dict:
     "Drift of `model`'s production version: p-values of consecutive windows, recorded checks, reference vs the last window."
-    from biovis.drift import DriftError, drift_history, load_reference, window_predictions, _window_arrays
+    from biovis.drift import DriftError, TESTS, drift_history, ks_test, load_reference, window_predictions, _window_arrays
     reg = ModelRegistry(models_dir); store = _store(db_url)
     try:
         version = reg.resolve(model, 'production'); R = load_reference(model, version, registry=reg)
     except Exception as e: return dict(error=str(e))
     rows, probs, feats = _window_arrays(window_predictions(store, model, version, window), R)
-    return dict(version=version, classes=R.classes, k=R.k, ref_emb=R.emb, ref_stats=R.stats, ref_props=R.proportions(),
+    ks = ks_test(R.probs, probs, R.classes)['per_feature'] if len(probs) >= 2 else {}
+    recent = R.rates(probs)
+    per_class = {c: dict(probability_ks_p=ks[c]['p_value'], rate_recent=recent[c]) for c in ks}
+    return dict(version=version, classes=R.classes, k=R.k, ref_emb=R.emb, ref_stats=R.stats, ref_props=R.proportions(), recent_props=recent,
+                decision='argmax' if R.thresholds is None else 'thresholds', per_class=per_class, threshold=0.05 / len(TESTS) / len(R.classes),
                 ref_n=len(R.probs), ref_split=R.info.get('split'), probs=probs, feats=feats,
                 history=drift_history(model, version, window=window, store=store, registry=reg),
                 events=store.drift_events(model=model, limit=500))
@@ -161,14 +165,26 @@ def pvalue_figure(history: list, events: list | None = None):
     f.update_yaxes(type='log', title='p-value'); f.update_xaxes(title='end of window')
     return f
 
-def proportions_figure(reference: dict, recent: dict):
-    "Predicted-class proportions: reference vs the recent window."
+def proportions_figure(reference: dict, recent: dict, decision: str = 'argmax'):
+    "Predicted-class proportions (multi-label, `decision` 'thresholds': the share of images with each finding): reference vs the recent window."
     import plotly.graph_objects as go
-    f = _fig('Predicted classes: reference vs recent')
+    f = _fig('Predicted classes: reference vs recent' if decision == 'argmax' else 'Findings: share of images with each, reference vs recent')
     cls = list(reference)
     f.add_trace(go.Bar(x=cls, y=[reference[c] for c in cls], name='reference'))
     f.add_trace(go.Bar(x=cls, y=[recent.get(c, 0) for c in cls], name='recent'))
     f.update_layout(barmode='group'); f.update_yaxes(title='proportion')
+    return f
+
+def per_class_figure(per_class: dict, threshold: float):
+    "Each class's (finding's) KS p-value of its predicted probability, recent window vs reference (log scale), with the threshold of one class."
+    import plotly.graph_objects as go
+    f = _fig('Per class / finding: KS test of its probability, recent vs reference')
+    if not per_class: f.add_annotation(text='no window of predictions with drift features yet', showarrow=False); return f
+    cls = list(per_class); ps = [max(per_class[c]['probability_ks_p'], 1e-12) for c in cls]
+    f.add_trace(go.Bar(x=cls, y=ps, marker_color=['#ef553b' if p < threshold else '#636efa' for p in ps], name='KS p-value',
+                       customdata=[per_class[c]['rate_recent'] for c in cls], hovertemplate='%{x}: p = %{y:.3g}, recent rate %{customdata:.1%}<extra></extra>'))
+    f.add_hline(y=threshold, line_dash='dash', line_color='red', annotation_text=f'threshold {threshold:.3g}')
+    f.update_yaxes(type='log', title='p-value')
     return f
 
 def project_2d(ref: np.ndarray, cur: np.ndarray):
@@ -298,10 +314,10 @@ def build_dashboard(refresh_s: float = 30, models_dir=None, db_url=None, prometh
         status = (f"**{model} {d['version']}** (production): {len(d['probs'])} recent predictions with drift features vs "
                   f"{d['ref_n']} reference images ({d['ref_split']} split). " +
                   ('No window yet.' if last is None else ('**Drift detected in the last window.**' if last['detected'] else 'No drift in the last window.')))
-        counts = np.bincount(d['probs'].argmax(1), minlength=len(d['classes'])) if len(d['probs']) else np.zeros(len(d['classes']))
-        recent = dict(zip(d['classes'], (counts / max(1, counts.sum())).tolist()))
         return pn.Column(pn.pane.Markdown(status), plot(pvalue_figure(d['history'], d['events'])),
-                         pn.Row(plot(proportions_figure(d['ref_props'], recent)), plot(embedding_figure(d['ref_emb'], d['feats'][:, :d['k']]))),
+                         pn.Row(plot(proportions_figure(d['ref_props'], d['recent_props'], d['decision'])),
+                                plot(per_class_figure(d['per_class'], d['threshold']))),
+                         pn.Row(plot(embedding_figure(d['ref_emb'], d['feats'][:, :d['k']]))),
                          plot(stats_figure(d['ref_stats'], d['feats'][:, d['k']:])))
 
     def feedback_view(_): return plot(feedback_figure(load_feedback(db_url)))

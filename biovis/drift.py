@@ -22,8 +22,8 @@ from .registry import ModelRegistry
 
 # %% auto #0
 __all__ = ['IMAGE_STATS', 'TESTS', 'MIN_WINDOW', 'image_stats', 'drift_features', 'predict_with_features', 'DriftError',
-           'DriftReference', 'build_reference', 'load_reference', 'ks_test', 'mmd_test', 'class_shift_test',
-           'drift_test', 'window_predictions', 'drift_check', 'drift_history']
+           'DriftReference', 'build_reference', 'pack_reference', 'load_reference', 'ks_test', 'finding_rate_test',
+           'mmd_test', 'class_shift_test', 'drift_test', 'window_predictions', 'drift_check', 'drift_history']
 
 # %% ../nbs/13_drift.ipynb #e5837002
 IMAGE_STATS = ('height', 'width', 'channels', 'brightness', 'contrast', 'sharpness')
@@ -60,7 +60,7 @@ class DriftError(ValueError):
 
 @dataclass
 class DriftReference:
-    "A version's drift reference: projection (D x k), reduced embeddings, softmax outputs, image statistics, labels."
+    "A version's drift reference: projection (D x k), reduced embeddings, outputs (softmax, or one sigmoid per finding with its `thresholds`), image statistics, labels."
     projection: np.ndarray
     emb: np.ndarray
     probs: np.ndarray
@@ -68,14 +68,27 @@ class DriftReference:
     labels: np.ndarray
     classes: list
     info: dict = field(default_factory=dict)
+    thresholds: np.ndarray | None = None      # multi-label: each finding is present at or over its own threshold
     @property
     def k(self) -> int: return self.projection.shape[1]
     @property
     def predicted(self) -> np.ndarray: return self.probs.argmax(1)
+    def decisions(self, probs) -> np.ndarray:
+        "The classes each row of `probs` predicts (N x classes, bool): its most probable class, or with `thresholds` each finding at or over its threshold."
+        probs = np.asarray(probs, np.float32).reshape(-1, len(self.classes))
+        if self.thresholds is not None: return probs >= self.thresholds
+        return np.eye(len(self.classes), dtype=bool)[probs.argmax(1)]
+    def rates(self, probs) -> dict:
+        "The share of the rows of `probs` that predict each class (with thresholds: the share of images with each finding)."
+        d = self.decisions(probs)
+        return {c: float(v) for c, v in zip(self.classes, d.mean(0) if len(d) else np.zeros(len(self.classes)))}
     def proportions(self) -> dict:
-        "Predicted-class proportions on the reference images."
-        c = np.bincount(self.predicted, minlength=len(self.classes)) / max(1, len(self.probs))
-        return {k: float(v) for k, v in zip(self.classes, c)}
+        "Predicted-class proportions (multi-label: the rate of each finding) on the reference images."
+        return self.rates(self.probs)
+    def label_test(self, probs) -> dict:
+        "The test of the predicted classes of a window against the reference's: chi-square of the class counts, or per-finding rates with `thresholds`."
+        if self.thresholds is None: return class_shift_test(self.predicted, np.asarray(probs).argmax(1), self.classes)
+        return finding_rate_test(self.decisions(self.probs), self.decisions(probs), self.classes)
 
 def build_reference(model, meta: dict, ds, split: str = 'valid', k: int = 32, seed: int = 0, max_n: int = 5000,
                     device=None) -> tuple:
@@ -88,11 +101,19 @@ def build_reference(model, meta: dict, ds, split: str = 'valid', k: int = 32, se
         keep = np.sort(np.random.default_rng(seed).choice(len(x), max_n, replace=False)); x, y, ix = x[keep], y[keep], ix[keep]
     raws = [x.shape[1:]] * len(x) if ds.array is not None else [ds.image(i).shape for i in ix]
     probs, e = pred.features(x, reduce=False)
-    P = (np.random.default_rng(seed).standard_normal((e.shape[1], k)) / np.sqrt(k)).astype(np.float32)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, projection=P, emb=(e @ P).astype(np.float32), probs=probs.astype(np.float32),
-                        stats=image_stats(x, raws).astype(np.float32), labels=np.asarray(y, np.int64))
-    info = dict(file='drift.npz', split=split, n=int(len(x)), k=k, dim=int(e.shape[1]), seed=seed, stats=list(IMAGE_STATS))
+    return pack_reference(probs, e, image_stats(x, raws), y, split, k=k, seed=seed)
+
+def pack_reference(probs, emb, stats, labels, split: str, k: int = 32, seed: int = 0, thresholds=None) -> tuple:
+    """A drift reference from held-out images' outputs `probs` (N x classes), full embeddings `emb` (N x D), `IMAGE_STATS` and labels:
+    (info for the metadata, {'drift.npz': bytes}). `thresholds` (one per class): the outputs are independent findings (multi-label)."""
+    emb = np.asarray(emb, np.float32)
+    P = (np.random.default_rng(seed).standard_normal((emb.shape[1], k)) / np.sqrt(k)).astype(np.float32)
+    arrays = dict(projection=P, emb=(emb @ P).astype(np.float32), probs=np.asarray(probs, np.float32),
+                  stats=np.asarray(stats, np.float32), labels=np.asarray(labels, np.int64))
+    if thresholds is not None: arrays['thresholds'] = np.asarray(thresholds, np.float32).reshape(-1)
+    buf = io.BytesIO(); np.savez_compressed(buf, **arrays)
+    info = dict(file='drift.npz', split=split, n=int(len(emb)), k=k, dim=int(emb.shape[1]), seed=seed, stats=list(IMAGE_STATS),
+                decision='argmax' if thresholds is None else 'thresholds')
     return info, {'drift.npz': buf.getvalue()}
 
 def load_reference(name: str, ref: str = 'production', registry: ModelRegistry | None = None) -> DriftReference:
@@ -104,7 +125,8 @@ def load_reference(name: str, ref: str = 'production', registry: ModelRegistry |
         raise DriftError(f'{name} {meta["version"]} has no drift reference (registered before drift checks existed?); '
                          'train and register a new version')
     with np.load(p) as z:
-        return DriftReference(z['projection'], z['emb'], z['probs'], z['stats'], z['labels'], list(meta['classes']), info)
+        return DriftReference(z['projection'], z['emb'], z['probs'], z['stats'], z['labels'], list(meta['classes']), info,
+                              z['thresholds'] if 'thresholds' in z.files else None)
 
 # %% ../nbs/13_drift.ipynb #c6633396
 def _bonferroni(ps) -> float: ps = np.asarray(ps, float); return float(min(1.0, ps.min() * len(ps))) if len(ps) else 1.0
@@ -117,6 +139,16 @@ def ks_test(ref: np.ndarray, cur: np.ndarray, names=None) -> dict:
     names = list(names) if names is not None else [str(i) for i in range(len(ps))]
     return dict(p_value=_bonferroni(ps), statistic=float(ds_.max()),
                 per_feature={n: dict(p_value=float(p), statistic=float(d)) for n, p, d in zip(names, ps, ds_)})
+
+def finding_rate_test(ref_dec: np.ndarray, cur_dec: np.ndarray, classes: list) -> dict:
+    "Fisher's exact test per class of the share of images predicting it (N x classes bool, reference vs window; multi-label: each finding), Bonferroni-corrected over the classes."
+    a, b = np.asarray(ref_dec, bool), np.asarray(cur_dec, bool)
+    ra, rb = a.mean(0) if len(a) else np.zeros(len(classes)), b.mean(0) if len(b) else np.zeros(len(classes))
+    ps = [float(_st.fisher_exact([[a[:, j].sum(), len(a) - a[:, j].sum()], [b[:, j].sum(), len(b) - b[:, j].sum()]])[1])
+          for j in range(len(classes))]
+    return dict(p_value=_bonferroni(ps), statistic=float(np.abs(ra - rb).max()) if len(classes) else 0.0,
+                reference={c: float(v) for c, v in zip(classes, ra)}, recent={c: float(v) for c, v in zip(classes, rb)},
+                per_class={c: dict(p_value=p, reference=float(x), recent=float(y)) for c, p, x, y in zip(classes, ps, ra, rb)})
 
 def mmd_test(ref: np.ndarray, cur: np.ndarray, n_perm: int = 200, seed: int = 0) -> dict:
     "MMD^2 with an RBF kernel (median heuristic) between `ref` and `cur`, with a permutation p-value over `n_perm` permutations."
@@ -160,11 +192,15 @@ def drift_test(ref: DriftReference, probs: np.ndarray, feats: np.ndarray, alpha:
     t = dict(softmax_ks=ks_test(ref.probs, probs, ref.classes),
              embedding_mmd=mmd_test(ref.emb[sub], feats[:, :ref.k], n_perm=n_perm, seed=seed),
              image_stats_ks=ks_test(ref.stats, feats[:, ref.k:], IMAGE_STATS),
-             class_proportions_chi2=class_shift_test(ref.predicted, probs.argmax(1), ref.classes))
+             class_proportions_chi2=ref.label_test(probs))
     thr = alpha / len(t)
     flagged = [k for k, v in t.items() if v['p_value'] < thr]
+    ks, lab, base, now = t['softmax_ks']['per_feature'], t['class_proportions_chi2'].get('per_class', {}), ref.proportions(), ref.rates(probs)
+    per_class = {c: dict(probability_ks_p=ks[c]['p_value'], probability_ks=ks[c]['statistic'], rate_reference=base[c], rate_recent=now[c],
+                         **({'rate_p': lab[c]['p_value']} if c in lab else {})) for c in ref.classes}
     return dict(detected=bool(flagged), flagged=flagged, alpha=alpha, threshold=thr, n=int(len(probs)),
-                p_values={k: v['p_value'] for k, v in t.items()}, tests=t)
+                p_values={k: v['p_value'] for k, v in t.items()}, tests=t, per_class=per_class,
+                decision='argmax' if ref.thresholds is None else 'thresholds')
 
 # %% ../nbs/13_drift.ipynb #b4026dc8
 MIN_WINDOW = 30

@@ -131,6 +131,7 @@ def _paired(ev, pev, alpha: float = ALPHA) -> dict | None:
     y, yp = getattr(ev, 'y_true', None), getattr(pev, 'y_true', None)
     pc, pp = getattr(ev, 'probs', None), getattr(pev, 'probs', None)
     if any(v is None for v in (y, yp, pc, pp)): return None
+    if np.ndim(y) > 1: return None          # multi-label truths (N x findings): McNemar and DeLong here pair one answer per image
     if len(y) != len(yp) or not np.array_equal(np.asarray(y), np.asarray(yp)):
         raise PipelineError(f'production was scored on other items than the candidate ({len(yp)} labels against {len(y)}, or in another order)')
     return paired_comparison(y, pc, pp, alpha)
@@ -218,12 +219,13 @@ def _paired_detail(decision: dict) -> dict | None:
     fb = paired_summary((decision.get('feedback_set') or {}).get('paired'))
     return dict(alpha=decision.get('alpha'), holdout=hold, **({'feedback_set': fb} if fb else {}))
 
-def register_run(registry: ModelRegistry, name: str, learn, ev, ds, decision: dict, extra: dict | None = None) -> dict:
-    "Register `learn`'s model as the `candidate` of `name` with its holdout metrics (and what its task's recipe adds); promote it if `decision['promote']`."
+def register_run(registry: ModelRegistry, name: str, learn, ev, ds, decision: dict, extra: dict | None = None,
+                 extra_files: dict | None = None) -> dict:
+    "Register `learn`'s model as the `candidate` of `name` with its holdout metrics (and what its task's recipe adds, and `extra_files` such as its drift reference); promote it if `decision['promote']`."
     meta = dict(learn.biovis, metrics=dict(ev.summary(), dataset_version=ds.version), promotion=decision, **(extra or {}))
     meta, card = retrain_recipe(kind_of(meta)[0]).registry_meta(meta, name, ev)
     detail = _paired_detail(decision)
-    version = registry.register(name, learn.model, meta, alias='candidate', card=card, detail=detail)
+    version = registry.register(name, learn.model, meta, alias='candidate', card=card, detail=detail, extra_files=extra_files)
     if decision.get('promote'): registry.promote(name, version, reason=f"retrained: {decision.get('reason', '')}", detail=detail)
     return dict(name=name, version=version, promoted=bool(decision.get('promote')), reason=decision.get('reason'),
                 metrics=ev.summary(), dataset_version=ds.version, aliases={k: v for k, v in registry.aliases(name).items() if k != 'history'})

@@ -115,9 +115,11 @@ COST = {'test_pipeline.py': 170, 'test_segment.py': 120, 'test_keras.py': 120, '
         'test_registry.py': 90, 'test_segment_retrain.py': 75, 'test_docs.py': 75, 'test_scaleout.py': 70, 'test_conformal.py': 60,
         'test_cli.py': 50, 'test_drift.py': 45, 'test_train.py': 45, 'test_review_ui.py': 45, 'test_observability.py': 40,
         'test_policy.py': 35, 'test_audit.py': 30, 'test_rough_edges.py': 30, 'test_compare.py': 60, 'test_data_defaults.py': 40,
-        'test_ood.py': 40, 'test_grouped_split.py': 20,
+        'test_ood.py': 40, 'test_grouped_split.py': 20, 'test_multilabel.py': 45,
+        'test_multilabel_serve.py': 85,
         '02_served_model_to_scheduled_retrain.ipynb': 120, '01_folder_to_served_model.ipynb': 50, '03_train.ipynb': 45,
-        '04_evaluate.ipynb': 30, '09i_bench.safety.ipynb': 25, '02_models.ipynb': 20}
+        '04_evaluate.ipynb': 30, '20_multilabel.train.ipynb': 15, '09i_bench.safety.ipynb': 25, '02_models.ipynb': 20,
+        '12_serve.multilabel.ipynb': 15, '20_multilabel.drift.ipynb': 15}
 
 
 def _unit(nodeid: str) -> str:

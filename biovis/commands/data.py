@@ -10,18 +10,21 @@ from __future__ import annotations
 import json, sys
 
 from ..policy import MODALITIES
-from .core import (DATA_HELP, EXIT_USAGE, TRAIN, add_arch_option, data_task, dispatch, handles, print_table,
+from .core import (DATA_HELP, DATA_TASKS, EXIT_USAGE, TRAIN, add_arch_option, data_task, dispatch, handles, print_table,
                                   registry_of)
 
 # %% auto #0
-__all__ = ['cmd_data_info', 'cmd_data_audit', 'cmd_data_list', 'cmd_data_fetch', 'cmd_train_classifier', 'run_train',
-           'add_commands']
+__all__ = ['ML_TASK', 'cmd_data_info', 'cmd_data_audit', 'cmd_data_list', 'cmd_data_fetch', 'cmd_train_classifier',
+           'ml_data_task', 'cmd_train_multilabel', 'run_train', 'add_commands']
 
 # %% ../../nbs/98i_commands.data.ipynb #03cf19f4
 def cmd_data_info(a):
+    "The task, findings or classes, images per split and dataset version of a data source (`--manifest`: its manifest CSV too)."
     from biovis.data import load_dataset
+    task = data_task(a.source) or 'classification'
+    if task == ML_TASK: from biovis.multilabel.data import load_multilabel as load_dataset    # noqa: F811 (a multi-label source)
     ds = load_dataset(a.source)
-    print(ds); print(f'source: {ds.source}'); print(f'version: {ds.version}')
+    print(ds); print(f'task: {task}'); print(f'source: {ds.source}'); print(f'version: {ds.version}')
     print(ds.summary().to_string())
     if a.manifest: ds.save_manifest(a.manifest); print(f'manifest written to {a.manifest}')
 
@@ -74,10 +77,36 @@ def cmd_train_classifier(a):
     print(f'{name} {v}: test accuracy {ev.metrics["accuracy"]:.4f}, AUC {ev.metrics["auc"]:.4f}, macro F1 {ev.metrics["macro_f1"]:.4f}')
     print(f'aliases: {json.dumps({k: x for k, x in registry_of(a).aliases(name).items() if k != "history"})}')
 
+# %% ../../nbs/98i_commands.data.ipynb #7765662e
+ML_TASK = 'multilabel'
+
+def ml_data_task(src) -> str | None:
+    "`multilabel` for multi-label data (a 0/1 label matrix, a `labels` CSV column, `bloodmnist_mosaics`), else None."
+    from biovis.multilabel.data import is_multilabel
+    return ML_TASK if is_multilabel(src) else None
+
+DATA_TASKS.append(ml_data_task)
+
+@handles(TRAIN, ML_TASK)
+def cmd_train_multilabel(a):
+    "Train a multi-label model (BCE, thresholds and temperatures per finding on valid), evaluate it on the test split, register it."
+    from biovis.multilabel.data import load_multilabel
+    from biovis.multilabel.train import train_and_register_multilabel
+    ds = load_multilabel(a.data); print(ds)
+    learn, ev, v = train_and_register_multilabel(ds, name=a.name, arch=a.arch, epochs=a.epochs, budget_s=getattr(a, 'budget', None),
+                                                 registry=registry_of(a), promote='always' if a.promote else 'if-better', seed=a.seed,
+                                                 lr=a.lr, bs=a.bs, size=a.size, policy=a.modality, progress=not a.quiet,
+                                                 pos_weight=getattr(a, 'pos_weight', None), say=print)
+    name, m, f = a.name or ds.name.replace('_sample', ''), ev.metrics, lambda x: 'undefined' if x is None else f'{x:.4f}'
+    print(f"{name} {v}: test macro AUC {f(m['macro_auc'])}, micro AUC {f(m['micro_auc'])}, mAP {f(m['map'])}, "
+          f"subset accuracy {f(m['subset_accuracy'])}, Hamming loss {f(m['hamming_loss'])} (n={m['n']})")
+    print(ev.per_finding[['finding', 'auc', 'ap', 'threshold', 'sensitivity', 'specificity', 'prevalence']].round(4).to_string(index=False))
+    print(f'aliases: {json.dumps({k: x for k, x in registry_of(a).aliases(name).items() if k != "history"})}')
+
 def run_train(a):
-    "`train`, sent to the command of the data's task and backend (`dispatch`); those of other families get `--epochs` 10 when it is not given."
+    "`train`, sent to the command of the data's task and backend (`dispatch`); those of other families get `--epochs` 10 when it is not given (a classifier and a multi-label model: the budget or 10)."
     fn = dispatch(TRAIN, getattr(a, 'task', None) or data_task(a.data) or 'classification', getattr(a, 'backend', None), cmd_train_classifier)
-    if fn is not cmd_train_classifier and a.epochs is None: a.epochs = 10
+    if fn not in (cmd_train_classifier, cmd_train_multilabel) and a.epochs is None: a.epochs = 10
     return fn(a)
 
 # %% ../../nbs/98i_commands.data.ipynb #2869d309
@@ -125,6 +154,8 @@ def add_commands(sub):
     t.add_argument('--no-tta', action='store_true', help='evaluate without test-time augmentation')
     t.add_argument('--promote', action='store_true', help='promote to production even if not better')
     t.add_argument('-q', '--quiet', action='store_true', help='no progress bars')
+    t.add_argument('--pos-weight', default=None, choices=['balanced'], help='multi-label data: weigh each finding\'s positives by its '
+                   'negatives / positives in the training split (capped at 10); default: none')
     t.add_argument('--budget', type=float, default=None,
                    help=('training time in seconds: a classifier measures an epoch and trains as many as fit (--epochs: at most); '
                          'segmentation and Keras stop after this many seconds'))

@@ -23,6 +23,10 @@ def cmd_drift_check(a):
     print(f"{r['model']} {r['version']}: {r['n']} predictions ({r['window']['first']} .. {r['window']['last']}) "
           f"vs the reference ({r['reference']['n']} {r['reference']['split']} images)")
     for k, p in r['p_values'].items(): print(f"  {k:<24} p = {p:.3g}{'  < ' + format(r['threshold'], '.4g') + '  DRIFT' if k in r['flagged'] else ''}")
+    if r.get('decision') == 'thresholds':          # a multi-label model: each finding's probability and rate
+        print('  per finding: KS p of its probability; share of images with it, reference -> recent (p of the rate test)')
+        for c, v in r['per_class'].items():
+            print(f"    {c[:40]:<40} KS p = {v['probability_ks_p']:<9.3g} {v['rate_reference']:6.1%} -> {v['rate_recent']:6.1%} (p = {v['rate_p']:.3g})")
     print(f"{'DRIFT DETECTED' if r['detected'] else 'no drift detected'} (alpha {r['alpha']}, per-test threshold {r['threshold']:.4g})")
     print(f"report: {r['path']}" + (f"; recorded as drift event {r['event_id']}" if 'event_id' in r else ''))
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from ..core import set_env
 from .core import (add_listen_options, DATA_HELP, EXIT_BAD_INPUT, EVALUATE, PREDICT, print_table, registry_of,
-                                  dispatch, model_kind, add_arch_option)
+                                  dispatch, model_kind, add_arch_option, handles)
 
 # %% auto #0
-__all__ = ['cmd_quickstart', 'cmd_evaluate', 'cmd_predict', 'cmd_models_list', 'cmd_models_show', 'cmd_models_recalibrate',
-           'cmd_models_promote', 'cmd_models_rollback', 'cmd_models_delete', 'cmd_models_history', 'run_evaluate',
-           'run_predict', 'add_commands']
+__all__ = ['cmd_quickstart', 'cmd_evaluate', 'cmd_predict', 'cmd_ml_predict', 'cmd_ml_evaluate', 'cmd_models_list',
+           'cmd_models_show', 'cmd_models_recalibrate', 'cmd_models_promote', 'cmd_models_rollback',
+           'cmd_models_delete', 'cmd_models_history', 'run_evaluate', 'run_predict', 'add_commands']
 
 # %% ../../nbs/98a_commands.models.ipynb #00c6bbc8
 def cmd_quickstart(a):
@@ -66,6 +66,38 @@ def cmd_predict(a):
                     + (f'  set: {describe_set(r.set, r.label)}' if getattr(r, 'refer', False) else '')
                     + (f'  {describe_ood(r.ood, r.ood_p)}' if getattr(r, 'ood', False) else ''))
     if bad: return EXIT_BAD_INPUT
+
+# %% ../../nbs/98a_commands.models.ipynb #fc731865
+@handles(PREDICT, 'multilabel')
+def cmd_ml_predict(a):
+    "The findings of image files from a registered multi-label model."
+    from biovis.kinds import load_predictor
+    from biovis.data import InvalidImageError
+    p = load_predictor(a.model, a.version, registry=registry_of(a), tta=a.tta or None)
+    bad = 0
+    for f in a.paths:
+        try: r = p.predict(f)
+        except InvalidImageError as e:
+            bad += 1; print(json.dumps(dict(file=f, error=str(e))) if a.json else f'{f}: ERROR {e}', file=sys.stdout if a.json else sys.stderr)
+            continue
+        if a.json: print(json.dumps(dict(file=f, **r.to_dict())))
+        else: print(f'{f}: ' + (', '.join(f'{c} (p={r.probs[c]:.3f} >= {r.thresholds[c]:.3f})' for c in r.findings) or 'no finding')
+                    + f'  [{r.model} {r.version}]')
+    if bad: return EXIT_BAD_INPUT
+
+@handles(EVALUATE, 'multilabel')
+def cmd_ml_evaluate(a):
+    "Per-finding and overall scores of a registered multi-label model on a held-out split."
+    from biovis.kinds import load_predictor
+    from biovis.multilabel.data import reload_dataset
+    from biovis.multilabel.predict import evaluate_multilabel
+    p = load_predictor(a.model, a.version, registry=registry_of(a), device='cpu', tta=a.tta or None)
+    ds = reload_dataset(p.meta.get('dataset') or {}, a.data)
+    ev = evaluate_multilabel(p, ds, a.split)
+    print(f'{a.model} {p.version} on {ds.name} [{a.split}] (dataset {ds.version[:12]}):')
+    for k, v in ev.summary().items(): print(f'  {k:<18} {v}')
+    print(ev.per_finding.round(4).to_string(index=False))
+    if a.json: Path(a.json).write_text(json.dumps(ev.summary(), indent=2)); print(f'written {a.json}')
 
 # %% ../../nbs/98a_commands.models.ipynb #7c0af91e
 def cmd_models_list(a):

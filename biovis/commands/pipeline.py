@@ -78,18 +78,18 @@ def _retrain_options(r):
     r.add_argument('--force', action='store_true', help='retrain whatever the feedback count and drift')
     r.add_argument('--margin', type=float, default=None,
                    help='promote when candidate >= production - margin on the holdout (default: $BIOVIS_PROMOTION_MARGIN or 0.01)')
-    r.add_argument('--metric', default=None, help='holdout metric compared with production (default: accuracy; segmentation: f1_tol)')
-    r.add_argument('--epochs', type=int, default=None, help="training epochs (default: 3; segmentation: production's)")
-    r.add_argument('--budget', type=float, default=None, help="segmentation: training time budget in seconds (default: production's)")
+    r.add_argument('--metric', default=None, help='holdout metric compared with production (default: accuracy; segmentation: f1_tol; multilabel: macro_auc)')
+    r.add_argument('--epochs', type=int, default=None, help="training epochs (default: 3; segmentation and multilabel: production's)")
+    r.add_argument('--budget', type=float, default=None, help="segmentation, multilabel: training time budget in seconds (default: production's)")
     add_arch_option(r, None, "production's")
     r.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
     r.add_argument('--no-tta', action='store_true', help='evaluate without test-time augmentation')
-    r.add_argument('--notebook', default=None, help='pipeline notebook to run (default: nbs/pipelines/retrain.ipynb; segmentation: retrain_segment.ipynb)')
+    r.add_argument('--notebook', default=None, help='pipeline notebook to run (default: nbs/pipelines/retrain.ipynb; segmentation: retrain_segment.ipynb; multilabel: retrain_multilabel.ipynb)')
     r.add_argument('--wait', type=float, nargs='?', const=0, default=None, help='wait for a running retrain (up to N s) instead of refusing')
 
 def add_commands(sub):
     "`retrain`, `schedule`, `pipeline run|distributed`, `wandb sync` and `report runs` on `sub`."
-    rt = sub.add_parser('retrain', help='retrain from feedback (corrected labels or masks) when due (FB_THRESH, drift or --force); promote if not worse')
+    rt = sub.add_parser('retrain', help='retrain from feedback (corrected labels, masks or finding sets) when due (FB_THRESH, drift or --force); promote if not worse')
     rt.add_argument('model', nargs='?', default=None, help='model name (the same as --name)')
     _retrain_options(rt); rt.add_argument('--dry-run', action='store_true', help='only print the decision')
     rt.add_argument('--json', action='store_true', help='print the result as JSON'); rt.set_defaults(fn=cmd_retrain)

@@ -22,6 +22,7 @@ from .db import (FeedbackError, UnknownPredictionError, FeedbackPermissionError,
                                 _writer_lock, _SCHEMA_LOCK, upgrade_schema, _transient, _iso, _as_utc, _check_sha, _text, _opt_user, _finite, _check_probs,
                                 _check_embedding)
 from .uploads import UploadStore, upload_store
+from .findings import is_finding_set
 
 # %% auto #0
 __all__ = ['USABLE', 'FeedbackStore']
@@ -130,7 +131,8 @@ def _prediction_row(self: FeedbackStore, model: str, version: str, image_sha: st
     "A checked row of the predictions table (keys are column names) with a new id and time; raises `FeedbackError`."
     model, version = _text(model, 'model', 200), _text(str(version), 'model version', 64)
     sha, label, probs = _check_sha(image_sha), _text(label, 'label', MAX_LABEL), _check_probs(probs)
-    if label not in probs: raise FeedbackError(f'label {label!r} is not one of the classes in probs ({", ".join(probs)})')
+    if label not in probs and not is_finding_set(label, probs):      # one class, or a set of them (multi-label: `feedback.findings`)
+        raise FeedbackError(f'label {label!r} is not one of the classes in probs ({", ".join(probs)}) nor a set of them')
     rec = dict(model=model, model_version=version, image_sha=sha, label=label, probs=probs, username=_opt_user(user),   # column names
                embedding=_check_embedding(embedding),
                latency_ms=None if latency_ms is None else _finite(latency_ms, 'latency_ms'),

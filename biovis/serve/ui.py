@@ -22,6 +22,7 @@ from ..conformal import describe_set, prediction_set, threshold_for
 from ..ood import describe_ood
 from ..segment import SegPredictor
 from .segment import seg_tab
+from .multilabel import findings_tab, MultiLabelPredictor
 
 # %% auto #0
 __all__ = ['TABLE_COLUMNS', 'HISTORY_COLUMNS', 'MAX_SKIPPED', 'REVIEW_KEYS', 'cam_panel', 'recolour', 'classify_files',
@@ -74,6 +75,8 @@ def classify_files(service, files, model=None, request=None, alpha: float = 0.5)
         name = Path(f).name
         try: r = service.predict(_read(f), filename=name, model=model, user=_user(request))
         except InvalidImageError as e: msgs.append(f'**{name}** was not classified: {e}'); continue
+        if r.get('task') not in (None, 'classification'):          # a model with a tab of its own (Segment, Findings)
+            msgs.append(f"**{name}**: {r['model']} is a {r['task']} model; see its own tab"); continue
         rows.append(dict(id=r['id'], file=name, predicted=r['label'], p=round(r['probs'][r['label']], 4), set=_set_text(r)))
         ids.append(r['id'])
         if first is None:
@@ -224,7 +227,7 @@ def _numbered(classes) -> list:
 
 def review_tab(service, model):
     "Add the Review tab to the enclosing `gr.Blocks`: the review queue of the model chosen in `model`, one prediction at a time."
-    names = [n for n in service.pool.names if not isinstance(service.pool.get(n), SegPredictor)]
+    names = [n for n in service.pool.names if not isinstance(service.pool.get(n), (SegPredictor, MultiLabelPredictor))]   # theirs: own tabs
     if not names: return None
     pick = lambda m: m if m in names else names[0]
     def _show(m, skipped, request, msg=None):
@@ -334,4 +337,5 @@ def build_ui(service):
             dbtn.click(_delete, did, dmsg, api_name='delete')
         review_tab(service, model)      # the review queue, one image at a time
         seg_tab(service)                # the Segment tab, when a segmentation model is served
+        findings_tab(service)           # the Findings tab, when a multi-label model is served
     return demo
