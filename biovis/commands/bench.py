@@ -16,6 +16,9 @@ def cmd_benchmark(a):
     if a.keras:
         from biovis.bench.keras import keras_benchmark
         keras_benchmark(data=a.data, out_dir=a.out, budget_s=a.keras_budget, keras_arch=a.keras_arch); return
+    if a.generality:
+        from biovis.bench.generality import generality_benchmark
+        generality_benchmark(data_root=a.data, out_dir=a.out, budget_s=a.budget); return
     if a.multilabel:
         from biovis.bench.multilabel import run_multilabel_benchmark
         run_multilabel_benchmark(data=a.data, out_dir=a.out, budget_s=a.ml_budget, arch=a.arch if a.arch != 'cnn_small' else None,
@@ -55,6 +58,8 @@ def add_commands(sub):
     b.add_argument('--model', default=None, help='with --serving or --scaleout: the registered model to serve (default: the first)')
     b.add_argument('--segmentation', action='store_true', help='CrackForest and ISBI 2012 segmentation (reports/benchmarks/segmentation.json)')
     b.add_argument('--seg-budget', type=float, default=780, help='with --segmentation: CrackForest training budget in seconds')
+    b.add_argument('--generality', action='store_true', help='the defaults alone (no per-set tuning) on BloodMNIST, PneumoniaMNIST and BCCD '
+                   'cell crops found under --data or $BIOVIS_DATA, each inside --budget seconds (reports/benchmarks/generality.json)')
     b.add_argument('--multilabel', action='store_true', help='multi-label findings on 2x2 mosaics of BloodMNIST cells, each split from its '
                    'own official split (reports/benchmarks/multilabel.json)')
     b.add_argument('--ml-budget', type=float, default=540, help='with --multilabel: training budget in seconds (default: 540)')
