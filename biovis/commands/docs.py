@@ -31,13 +31,13 @@ def tag_cell(cell):
 
 # %% ../../nbs/98h_commands.docs.ipynb #4849a706
 def stage_notebook(path: Path):
-    "The notebook at `path`, its cells tagged for myst-nb, with the Python language set (clean notebooks lack it)."
+    "The notebook at `path`, its cells tagged for myst-nb, with the Python language set (clean notebooks lack it) and its stored Plotly outputs as HTML (those of cells the site does not run, e.g. `slow` ones)."
     import nbformat
     nb = nbformat.read(path, as_version=4)
     nb.cells = [tag_cell(c) for c in nb.cells]
     nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}
     nb.metadata['language_info'] = {'name': 'python'}
-    return nb
+    return plotly_html(nb)
 
 # %% ../../nbs/98h_commands.docs.ipynb #9cf5880e
 EXECUTE = ('04_evaluate',)
