@@ -1,5 +1,5 @@
 "Shared fixtures: a private biovis home per test, the shipped sample, a model trained once per session; helpers for real servers."
-import os, subprocess, sys, time
+import os, signal, subprocess, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +18,86 @@ def home(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run_cli(*args, home=None, env=None, timeout=900, check=None):
-    "Run the real `biovis` command; returns the CompletedProcess."
+_WARM = {}
+
+
+def _warm_cli():
+    "This worker's warm `biovis` process (tests/cli_zygote.py), started on first use; None where it cannot fork safely."
+    if 'proc' not in _WARM:
+        import atexit, json, threading
+        p = subprocess.Popen([sys.executable, str(Path(__file__).with_name('cli_zygote.py'))], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, cwd=str(ROOT),
+                             env={k: v for k, v in os.environ.items() if not k.startswith('BIOVIS_')})
+        hello = json.loads(p.stdout.readline() or '{}')
+        if not hello.get('ready'):
+            print(f'warm biovis process not usable ({hello}): every command starts afresh', file=sys.stderr)
+            p.kill(); p = None
+        else: atexit.register(lambda: (p.stdin.close(), p.wait(30)))
+        _WARM['proc'], _WARM['lock'] = p, threading.Lock()
+    return _WARM['proc']
+
+
+def _ask(req: dict) -> dict:
+    "One request to the warm process, one answer (a lock: tests may call from threads)."
+    import json
+    with _WARM['lock']:
+        _WARM['proc'].stdin.write(json.dumps(req) + '\n'); _WARM['proc'].stdin.flush()
+        return json.loads(_WARM['proc'].stdout.readline())
+
+
+class WarmProcess:
+    "A `biovis` command left running (a server), forked by the warm process: the part of `subprocess.Popen` the tests use."
+    def __init__(self, args, env, cwd, log_path):
+        self.args, self.returncode = [str(BIOVIS), *args], None
+        self.pid = _ask(dict(op='spawn', args=list(args), env=env, cwd=cwd, out=str(log_path), err=str(log_path)))['pid']
+    def poll(self):
+        if self.returncode is None: self.returncode = _ask(dict(op='poll', pid=self.pid))['code']
+        return self.returncode
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            r = _ask(dict(op='wait', pid=self.pid, timeout=1e9 if timeout is None else timeout))
+            if r['timed_out']: raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = r['code']
+        return self.returncode
+    def send_signal(self, sig):
+        if self.returncode is None: _ask(dict(op='signal', pid=self.pid, sig=int(sig)))
+    def terminate(self): self.send_signal(signal.SIGTERM)
+    def kill(self): self.send_signal(signal.SIGKILL)
+
+
+def spawn_cli(*args, env, cwd, log):
+    """`biovis ARGS` left running (a server), its output appended to the file `log` (a path or an open file): forked by the
+    warm process like `run_cli`'s commands, else a new process. Returns a `subprocess.Popen` or a `WarmProcess`."""
+    args, log_path = [str(a) for a in args], Path(getattr(log, 'name', log))
+    if _warm_cli() is None:
+        out = log if hasattr(log, 'write') else open(log_path, 'a')
+        return subprocess.Popen([str(BIOVIS), *args], env=env, cwd=str(cwd), stdout=out, stderr=subprocess.STDOUT)
+    if hasattr(log, 'flush'): log.flush()
+    return WarmProcess(args, dict(env), str(cwd), log_path)
+
+
+def run_cli(*args, home=None, env=None, timeout=900, check=None, fresh=False):
+    """Run the real `biovis` command; returns the CompletedProcess. By default the command runs in a child forked from this
+    worker's warm process (tests/cli_zygote.py: the console script's entry point, in its own process, with this environment
+    and working directory, less the start-up imports); `fresh=True` starts the installed console script itself, for the
+    tests of what a new process imports or prints on start."""
+    import json, tempfile
     e = {k: v for k, v in os.environ.items() if not k.startswith('BIOVIS_')}
     if home is not None: e['BIOVIS_HOME'] = str(home)
     e.update(env or {})
-    r = subprocess.run([str(BIOVIS), *map(str, args)], capture_output=True, text=True, env=e, timeout=timeout,
-                       cwd=str(home or ROOT))
+    args, cwd = [str(a) for a in args], str(home or ROOT)
+    warm = None if fresh else _warm_cli()
+    if warm is None:
+        r = subprocess.run([str(BIOVIS), *args], capture_output=True, text=True, env=e, timeout=timeout, cwd=cwd)
+    else:
+        with tempfile.TemporaryDirectory(prefix='biovis-cli-') as d:
+            out, err = Path(d)/'stdout', Path(d)/'stderr'
+            reply = _ask(dict(op='run', args=args, env=e, cwd=cwd, out=str(out), err=str(err), timeout=timeout))
+            stdout, stderr = out.read_text(errors='replace'), err.read_text(errors='replace')
+        if reply['timed_out']: raise subprocess.TimeoutExpired([str(BIOVIS), *args], timeout, stdout, stderr)
+        r = subprocess.CompletedProcess([str(BIOVIS), *args], reply['code'], stdout, stderr)
     if check is not None and r.returncode != check:
-        raise AssertionError(f'biovis {" ".join(map(str, args))} exited {r.returncode}, expected {check}\n'
+        raise AssertionError(f'biovis {" ".join(args)} exited {r.returncode}, expected {check}\n'
                              f'stdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}')
     return r
 

@@ -11,7 +11,7 @@ from conftest import run_cli, SHARED_DATA
 
 
 def test_quickstart_end_to_end(tmp_path):
-    r = run_cli('quickstart', '--epochs', '3', '--quiet', '--no-serve', home=tmp_path, check=0)
+    r = run_cli('quickstart', '--epochs', '3', '--quiet', '--no-serve', home=tmp_path, check=0, fresh=True)   # the newcomer's command, a new process
     out = r.stdout
     for step in ('[1/5]', '[2/5]', '[3/5]', '[4/5]', '[5/5]'): assert step in out
     assert 'promoted it to production' in out

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import BIOVIS, run_cli, wait_until_up, stop_process
+from conftest import BIOVIS, run_cli, wait_until_up, stop_process, spawn_cli
 
 LEVELS = (0.9, 0.95)
 
@@ -92,7 +92,7 @@ def test_biovis_serve_answers_with_set_and_refer(trained, predictor, test_split,
     env.update(BIOVIS_HOME=str(tmp_path), BIOVIS_MODELS=str(trained[0].root), BIOVIS_RATE_LIMIT='0', GRADIO_ANALYTICS_ENABLED='False',
                BIOVIS_DB_URL=f'sqlite:///{tmp_path}/data/biovis.db')
     log = open(tmp_path/'server.log', 'w')
-    proc = subprocess.Popen([str(BIOVIS), 'serve', '--port', str(port)], env=env, cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+    proc = spawn_cli('serve', '--port', port, env=env, cwd=tmp_path, log=log)
     try:
         url = f'http://127.0.0.1:{port}'
         wait_until_up(proc, url + '/ping', tmp_path/'server.log')

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import BIOVIS, ROOT, wait_until_up, stop_process
+from conftest import BIOVIS, ROOT, wait_until_up, stop_process, spawn_cli
 
 
 def _free_port():
@@ -45,8 +45,7 @@ def dashboard(populated):
     env = {k: v for k, v in os.environ.items() if not k.startswith('BIOVIS_')}
     env.update(BIOVIS_HOME=str(home), BIOVIS_MODELS=str(models), BIOVIS_DB_URL=f'sqlite:///{home}/data/biovis.db')
     log = open(home/'dashboard.log', 'w')
-    proc = subprocess.Popen([str(BIOVIS), 'dashboard', '--port', str(port), '--auth', '--refresh', '5'], env=env, cwd=str(home),
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = spawn_cli('dashboard', '--port', port, '--auth', '--refresh', '5', env=env, cwd=home, log=log)
     url = f'http://127.0.0.1:{port}'
     try:
         wait_until_up(proc, url + '/login', home/'dashboard.log', 'dashboard', timeout=180, poll=0.5)

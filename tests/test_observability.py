@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import BIOVIS, ROOT, wait_until_up, stop_process
+from conftest import BIOVIS, ROOT, wait_until_up, stop_process, spawn_cli
 from biovis.bench.fleet import nginx_conf
 
 DEPLOY = ROOT/'deploy'
@@ -50,7 +50,7 @@ class Fleet:
                    BIOVIS_UPLOADS=str(self.root/'shared'/'uploads'), BIOVIS_SECRET='observability-test-secret',
                    BIOVIS_PUBLIC_METRICS='1', BIOVIS_RATE_LIMIT='0', BIOVIS_FB_THRESH=str(FB_THRESH), GRADIO_ANALYTICS_ENABLED='False')
         log = open(home/'server.log', 'w')
-        p = subprocess.Popen([str(BIOVIS), 'serve', '--port', str(port)], env=env, cwd=str(home), stdout=log, stderr=subprocess.STDOUT)
+        p = spawn_cli('serve', '--port', port, env=env, cwd=home, log=log)
         self.procs.append((p, log))
         return p, f'127.0.0.1:{port}', home/'server.log'
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import BIOVIS, SHARED_DATA, wait_until_up, stop_process
+from conftest import BIOVIS, SHARED_DATA, wait_until_up, stop_process, spawn_cli
 from biovis.bench.fleet import free_port
 
 ALPHA = 0.05          # for a count that means something on 320 test images (the default, 0.01, expects 3)
@@ -164,7 +164,7 @@ def test_biovis_serve_answers_with_ood(trained, test_split, tmp_path):
     env.update(BIOVIS_HOME=str(tmp_path), BIOVIS_MODELS=str(trained[0].root), BIOVIS_RATE_LIMIT='0', GRADIO_ANALYTICS_ENABLED='False',
                BIOVIS_DB_URL=f'sqlite:///{tmp_path}/data/biovis.db', BIOVIS_OOD_ALPHA='0.05')
     log = open(tmp_path/'server.log', 'w')
-    proc = subprocess.Popen([str(BIOVIS), 'serve', '--port', str(port)], env=env, cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+    proc = spawn_cli('serve', '--port', port, env=env, cwd=tmp_path, log=log)
     try:
         url = f'http://127.0.0.1:{port}'
         wait_until_up(proc, url + '/ping', tmp_path/'server.log')

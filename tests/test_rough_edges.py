@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import BIOVIS, run_cli, wait_until_up, stop_process
+from conftest import BIOVIS, run_cli, wait_until_up, stop_process, spawn_cli
 
 CHROMIUM = Path('/usr/bin/chromium')
 ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking']
@@ -28,8 +28,7 @@ def ui_server(trained, tmp_path_factory):
     env.update(BIOVIS_HOME=str(home), BIOVIS_MODELS=str(trained[0].root), BIOVIS_RATE_LIMIT='0',
                GRADIO_ANALYTICS_ENABLED='False', BIOVIS_DB_URL=f'sqlite:///{home}/data/biovis.db')
     log = open(home/'server.log', 'w')
-    proc = subprocess.Popen([str(BIOVIS), 'serve', '--port', str(port)], env=env, cwd=str(home), stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = spawn_cli('serve', '--port', port, env=env, cwd=home, log=log)
     url = f'http://127.0.0.1:{port}'
     try:
         wait_until_up(proc, url + '/ping', home/'server.log')

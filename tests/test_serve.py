@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import BIOVIS, ROOT, SHARED_DATA, run_cli, add_users
+from conftest import BIOVIS, ROOT, SHARED_DATA, run_cli, add_users, spawn_cli
 
 
 def _free_port():
@@ -31,8 +31,7 @@ class Server:
         env.update(extra_env or {})
         self.env = env
         self.log = open(home/f'server-{self.port}.log', 'w')
-        self.proc = subprocess.Popen([str(BIOVIS), 'serve', '--port', str(self.port), *args], env=env, cwd=str(home),
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = spawn_cli('serve', '--port', self.port, *args, env=env, cwd=home, log=self.log)
         t0 = time.time()
         while time.time() - t0 < 120:
             if self.proc.poll() is not None:
