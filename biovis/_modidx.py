@@ -1394,6 +1394,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'biovis.serve.api._safe_next': ('serve.api.html#_safe_next', 'biovis/serve/api.py'),
                                   'biovis.serve.api._second_reviewer': ('serve.api.html#_second_reviewer', 'biovis/serve/api.py'),
                                   'biovis.serve.api._set_login_cookie': ('serve.api.html#_set_login_cookie', 'biovis/serve/api.py'),
+                                  'biovis.serve.api._verify': ('serve.api.html#_verify', 'biovis/serve/api.py'),
                                   'biovis.serve.api.create_app': ('serve.api.html#create_app', 'biovis/serve/api.py')},
             'biovis.serve.auth': { 'biovis.serve.auth.TokenSigner': ('serve.auth.html#tokensigner', 'biovis/serve/auth.py'),
                                    'biovis.serve.auth.TokenSigner.__init__': ( 'serve.auth.html#tokensigner.__init__',

@@ -328,7 +328,8 @@ def test_serving_benchmark_on_a_small_load(trained, tmp_path):
     tmp = Path(tempfile.gettempdir())
     leftovers = lambda: set(tmp.glob('biovis-bench-*')) | set(tmp.glob('biovis-ab-*'))
     before = leftovers()
-    res = serving_benchmark('blood', n_latency=10, n_concurrent=40, clients=4, rounds=1, out_dir=tmp_path, registry=trained[0], say=lambda m: None)
+    res = serving_benchmark('blood', n_latency=10, n_concurrent=40, clients=4, rounds=1, out_dir=tmp_path, registry=trained[0], say=lambda m: None,
+                            n_predictor=60, n_dicom=4, dense_seconds=4)
     j = json.loads((tmp_path/'serving.json').read_text())
     assert j == json.loads(json.dumps(res))
     for k in ('predict_ms_p50', 'predict_ms_p99', 'concurrent_requests_per_s', 'server_vs_predictor', 'predictor_images_per_s'): assert j[k] > 0, k
@@ -338,6 +339,8 @@ def test_serving_benchmark_on_a_small_load(trained, tmp_path):
     assert j['server_vs_predictor'] == pytest.approx(j['concurrent_requests_per_s'] / j['predictor_images_per_s'], rel=1e-3)   # runs are rounded to 0.1
     assert j['predictor_images_per_s'] == max(j['predictor_images_per_s_by_threads'].values())
     assert j['mean_model_batch_1_worker'] >= 1
+    assert (j['predictor_calls'], j['dicom_uploads'], j['hostile_5xx'], j['dense_uploads_5xx']) == (60, 4, 0, 0)
+    assert j['ping_probes'] >= 20 and j['dense_uploads'] > 0                 # 4 s at 20 probes/s, under load
     assert f"**{j['server_vs_predictor']:.2f}**" in (tmp_path/'serving.md').read_text()
     assert leftovers() - before == set()
 

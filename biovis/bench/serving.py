@@ -60,8 +60,10 @@ def _start_server(reg: ModelRegistry, model: str, workers: int, args=(), users=(
     env = child_env(BIOVIS_HOME=home, BIOVIS_MODELS=reg.root, BIOVIS_RATE_LIMIT='0',
                     BIOVIS_DB_URL=f'sqlite:///{home}/biovis.db', GRADIO_ANALYTICS_ENABLED='False')
     env.pop('BIOVIS_SECRET', None)
-    for u, pw, role in users:
-        subprocess.run([str(exe), 'users', 'add', u, '--role', role], env=dict(env, BIOVIS_NEW_PASSWORD=pw), check=True, capture_output=True)
+    if users:                                                   # what `biovis users add` does, without a new process
+        from biovis.feedback import FeedbackStore
+        with FeedbackStore(env['BIOVIS_DB_URL'], uploads_dir=home/'uploads') as st:
+            for u, pw, role in users: st.add_user(u, pw, role)
     proc = subprocess.Popen([str(exe), 'serve', '--port', str(port), '--model', model, '--workers', str(workers), *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.home = home
@@ -135,8 +137,11 @@ def _serving_markdown(res: dict, by_threads: dict, ratios: list) -> str:
 
 # %% ../../nbs/09d_bench.serving.ipynb #975a43ec
 def serving_benchmark(model: str | None = None, n_latency: int = 300, n_concurrent: int = 1000, clients: int = 8, rounds: int = 3,
-                      out_dir=None, registry: ModelRegistry | None = None, say=print) -> dict:
-    "Latency and throughput of the real server against the bare predictor; writes reports/benchmarks/serving.{json,md}."
+                      out_dir=None, registry: ModelRegistry | None = None, say=print, n_predictor: int = 500,
+                      n_dicom: int = 30, dense_seconds: float = 20) -> dict:
+    """Latency and throughput of the real server against the bare predictor; writes reports/benchmarks/serving.{json,md}.
+    The defaults are the report's; the tests run the same code on a small load (fewer requests, `n_predictor` bare predictor
+    calls per thread setting, `n_dicom` DICOM uploads, `dense_seconds` of pixel-dense uploads)."""
     import httpx, torch
     from PIL import Image
     from biovis.data import load_dataset
@@ -150,15 +155,15 @@ def serving_benchmark(model: str | None = None, n_latency: int = 300, n_concurre
 
     def load(url, keepalive=True):
         "Median requests/s of `rounds` runs of `n_concurrent` requests from `clients` at once (after a warm-up), and the ok count."
-        _concurrent_load(url, png, 200, clients, keepalive)
+        _concurrent_load(url, png, min(200, n_concurrent), clients, keepalive)
         runs = [_concurrent_load(url, png, n_concurrent, clients, keepalive) for _ in range(rounds)]
         return float(np.median([r[0] for r in runs])), sum(r[1] for r in runs), runs[0][2], [round(r[0], 1) for r in runs]
 
     threads0, thread_opts = torch.get_num_threads(), sorted({1, os.cpu_count() or 1})
-    def pred_rate(threads, n=500):
+    def pred_rate(threads, n=n_predictor):
         "The bare predictor, one PNG per call (decode included), with `threads` torch threads: images/s."
         torch.set_num_threads(threads)
-        for _ in range(30): pred.predict(png)
+        for _ in range(min(30, n)): pred.predict(png)
         t0 = time.perf_counter()
         for _ in range(n): pred.predict(png)
         return n / (time.perf_counter() - t0)
@@ -179,9 +184,9 @@ def serving_benchmark(model: str | None = None, n_latency: int = 300, n_concurre
         say(f'1 worker, {clients} concurrent clients ({client}): {rps1:.1f} requests/s (runs {runs1}; {ok1}/{rounds * n_concurrent} ok), mean model batch {batch1:.2f}')
         hard = hostile_figures(url)
         say(f"hostile corpus: {hard['hostile_cases']} cases, {hard['hostile_5xx']} answered 5xx, unexpected: {hard['hostile_unexpected']}")
-        hard.update(dicom_latency(url))
+        hard.update(dicom_latency(url, n=n_dicom))
         say(f"2048x2048 DICOM: median {hard['dicom_2048_p50_ms']:.1f} ms")
-        hard.update(ping_under_dense_uploads(url))
+        hard.update(ping_under_dense_uploads(url, seconds=dense_seconds))
         say(f"/ping while {hard['dense_clients']} clients send 8000x8000 PNGs: p99 {hard['ping_p99_ms_under_dense_uploads']:.1f} ms "
             f"({hard['dense_uploads_ok']} dense uploads served, {hard['dense_uploads_refused_4xx']} refused, {hard['dense_uploads_5xx']} 5xx)")
     finally: _stop_server(proc)
@@ -192,7 +197,7 @@ def serving_benchmark(model: str | None = None, n_latency: int = 300, n_concurre
     try:
         # the server's runs and the bare predictor's alternate, so that both see the same machine (a shared one drifts);
         # the idle server costs nothing while the predictor runs
-        _concurrent_load(url, png, 200, clients)
+        _concurrent_load(url, png, min(200, n_concurrent), clients)
         rounds_ = []
         for _ in range(rounds):
             r = _concurrent_load(url, png, n_concurrent, clients)
@@ -217,7 +222,7 @@ def serving_benchmark(model: str | None = None, n_latency: int = 300, n_concurre
                concurrent_runs=runs, concurrent_runs_1_worker=runs1, requests_per_run=n_concurrent, rounds=rounds, keepalive=True,
                concurrent_requests_per_s_new_connections=rps_new, concurrent_ok_new_connections=ok_new, concurrent_runs_new_connections=runs_new,
                server_vs_predictor_new_connections=rps_new / pred_ips,
-               predictor_images_per_s=pred_ips, predictor_torch_threads=best_threads,
+               predictor_images_per_s=pred_ips, predictor_torch_threads=best_threads, predictor_calls=n_predictor, dicom_uploads=n_dicom,
                predictor_images_per_s_by_threads={str(t): v for t, v in by_threads.items()},
                server_vs_predictor=float(np.median(ratios)), server_vs_predictor_per_round=ratios,
                server_vs_predictor_1_worker=rps1 / pred_ips,

@@ -34,11 +34,16 @@ def _add_health_routes(app, service, ui: bool):
 
 def _client_addr(request) -> str: return request.client.host if request.client else '?'
 
+def _verify(service, username, password):
+    "The password check of a login (Argon2), counted in `biovis_password_checks_total`."
+    service.metrics.password_checks.inc()
+    return service.store.verify_user(username, password)
+
 def _add_token_route(app, service, signer: TokenSigner, throttle: LoginThrottle):
     "`POST /token`: log in with a user of the feedback store, get a bearer token (failed logins throttled)."
     @app.post('/token', summary='log in: a bearer token for the REST API')
     def token(request: Request, username: str = Form(...), password: str = Form(...)):
-        role = throttle.login(username, _client_addr(request), lambda: service.store.verify_user(username, password))
+        role = throttle.login(username, _client_addr(request), lambda: _verify(service, username, password))
         if role is None: raise AuthenticationError('wrong user name or password')
         return {'access_token': signer.issue(username, role), 'token_type': 'bearer', 'role': role, 'expires_in': int(signer.ttl_s)}
 
@@ -204,7 +209,7 @@ def _add_login_routes(app, service, signer, users, throttle):
     from starlette.concurrency import run_in_threadpool
     async def check(request, username, password):       # Argon2 off the event loop; throttled first
         return await run_in_threadpool(throttle.login, username, _client_addr(request),
-                                       lambda: service.store.verify_user(username, password))
+                                       lambda: _verify(service, username, password))
     @app.get('/login', include_in_schema=False)
     def login_form(next: str = '/ui/'): return _login_page(next=_safe_next(next))
     @app.post('/login', include_in_schema=False)

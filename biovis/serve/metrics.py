@@ -30,6 +30,8 @@ class Metrics:
         self.batch = Histogram('biovis_model_batch_size', 'images per model call (micro-batching)', ['model'],
                                registry=self.registry, buckets=(1, 2, 4, 8, 16, 32))
         self.model_info = Gauge('biovis_model_info', 'served model versions', ['model', 'version'], registry=self.registry)
+        self.password_checks = Counter('biovis_password_checks_total', 'password checks (Argon2) that logins ran; throttled logins run none',
+                                       registry=self.registry)
 
     def watch(self, store, pool, **kw) -> StoreCollector:
         "Also export the metrics of `store` for the models `pool` serves (a `StoreCollector`, read at scrape time)."
