@@ -32,10 +32,11 @@ def _store(home: Path):
 
 
 def _metric(url, name) -> float:
-    "The value of an unlabelled counter on the server's /metrics."
-    line = [l for l in httpx.get(url + '/metrics').text.splitlines() if l.startswith(name + ' ')]
-    assert len(line) == 1, f'{name} not exported once'
-    return float(line[0].split()[-1])
+    "The value of the unlabelled sample `name` on the server's /metrics (read with prometheus_client's own parser)."
+    from prometheus_client.parser import text_string_to_metric_families
+    values = [s.value for f in text_string_to_metric_families(httpx.get(url + '/metrics').text) for s in f.samples if s.name == name]
+    assert len(values) == 1, f'{name} not exported once'
+    return values[0]
 
 
 def _token(url, u, pw=None, **kw):
