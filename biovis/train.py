@@ -29,8 +29,9 @@ from .models import ARCHS, create_model, set_normalization, predict_logits, pred
 from .conformal import CONFORMAL_LEVELS, METHOD, calibrate_conformal
 
 # %% auto #0
-__all__ = ['SATURATED_ACCURACY', 'SATURATED_NLL', 'ArrayDataset', 'ArrayDL', 'make_dls', 'random_affine', 'color_jitter',
-           'PolicyAug', 'nll', 'fit_temperature', 'saturated', 'calibrate', 'calibrate_sets', 'train']
+__all__ = ['SATURATED_ACCURACY', 'SATURATED_NLL', 'IMBALANCE', 'ArrayDataset', 'ArrayDL', 'make_dls', 'random_affine',
+           'color_jitter', 'PolicyAug', 'nll', 'fit_temperature', 'saturated', 'calibrate', 'calibrate_sets',
+           'class_weights', 'train']
 
 # %% ../nbs/03_train.ipynb #67c3bd46
 class ArrayDataset:
@@ -164,15 +165,31 @@ def calibrate_sets(probs_of, ds: ImageDataset, split: str | None = 'valid', trai
     return dict(method=METHOD, randomized=False, score='1 - probability of the class, one threshold per class', library='crepes',
                 fitted_on=split, n=int(len(y)), levels=list(levels), thresholds=th)
 
+# %% ../nbs/03_train.ipynb #e414c305
+IMBALANCE = 3.0      # the largest training class at least this many times the smallest: the classes are weighed equally
+
+def class_weights(y: np.ndarray, classes, balance: bool | None = None, imbalance: float = IMBALANCE):
+    "(weights, why): loss weights n / (k n_c) that make each of the `classes` (names) of labels `y` count equally, when `balance` (None: when the largest class is at least `imbalance` times the smallest present), else (None, why or '')."
+    counts = np.bincount(np.asarray(y, int), minlength=len(classes))
+    present = counts[counts > 0]
+    ratio = float(present.max() / present.min()) if len(present) > 1 else 1.0
+    if balance is False: return None, ('' if ratio < imbalance else f'classes not weighed (asked), though the largest is {ratio:.1f} times the smallest')
+    if balance is None and ratio < imbalance: return None, ''
+    w = len(y) / (len(present) * np.maximum(counts, 1)) * (counts > 0)
+    return w, (f'each class weighed equally in the loss ({"asked" if balance else f"the largest training class is {ratio:.1f} times the smallest, >= {imbalance:g}"}): '
+               + ', '.join(f'{n}: {int(k)} images x {wt:.2f}' for n, k, wt in zip(classes, counts, w)))
+
+
 # %% ../nbs/03_train.ipynb #b38f115d
 def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float = 4e-3, bs: int = 128,
           size: int | None = None, seed: int = 42, pretrained: bool = True, wd: float = 5e-4,
           label_smoothing: float = 0.1, augment: bool = True, patience: int | None = None,
           train_splits=('train',), checkpoint_dir=None, device=None, progress: bool = True,
           deterministic: bool = True, cbs: list | None = None, calibrate_on: str | None = 'valid',
-          policy: DataPolicy | str | None = None) -> Learner:
+          policy: DataPolicy | str | None = None, balance: bool | None = None) -> Learner:
     """Train `arch` on `ds` with fastai (extra fastai callbacks in `cbs`); returns the `Learner` with the best validation epoch restored
-    and its temperature and prediction sets calibrated on `calibrate_on`. `policy` (a `DataPolicy` or a modality name; default: the data set's own) sets the augmentation."""
+    and its temperature and prediction sets calibrated on `calibrate_on`. `policy` (a `DataPolicy` or a modality name; default: the data set's own) sets the augmentation.
+    `balance`: weigh the classes equally in the loss (None: when the training classes are imbalanced, `class_weights`)."""
     log = get_logger('train')
     if arch not in ARCHS: raise ValueError(f'unknown architecture {arch!r}; choose one of {sorted(ARCHS)}')
     set_seed(seed, deterministic)
@@ -194,7 +211,10 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
     if augment: cbs.append(PolicyAug(policy))
     if patience and selecting: cbs.append(EarlyStoppingCallback(monitor='accuracy', patience=patience))
     cbs += list(extra_cbs or [])       # e.g. experiment tracking (W&B)
-    learn = Learner(dls, model, loss_func=LabelSmoothingCrossEntropyFlat(eps=label_smoothing), opt_func=Adam,
+    weights, balance_why = class_weights(dls.train.dataset.y.numpy(), ds.classes, balance)
+    if balance_why: log.info('class weights: %s', balance_why)
+    loss = LabelSmoothingCrossEntropyFlat(eps=label_smoothing, weight=None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device))
+    learn = Learner(dls, model, loss_func=loss, opt_func=Adam,
                     metrics=[accuracy], wd=wd, path=path, model_dir='.', cbs=cbs)
     log.info('training %s on %s: %d train / %d valid images at %dx%d, %d epochs on %s',
              arch, ds.name, len(dls.train.dataset), len(dls.valid.dataset), *size, epochs, device)
@@ -218,7 +238,8 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
                         dataset=dict(name=ds.name, version=ds.version, source=ds.source, train_splits=list(train_splits),
                                      n_train=len(dls.train.dataset), n_valid=len(dls.valid.dataset)),
                         training=dict(epochs=epochs, epochs_run=len(best), lr=lr, bs=bs, seed=seed, wd=wd,
-                                      label_smoothing=label_smoothing, augment=augment, pretrained=pretrained and ARCHS[arch].pretrained,
+                                      label_smoothing=label_smoothing, augment=augment, class_weights=None if weights is None else [round(float(w), 4) for w in weights],
+                                      class_weights_why=balance_why, pretrained=pretrained and ARCHS[arch].pretrained,
                                       seconds=round(secs, 2), device=str(device),
                                       best_valid_accuracy=float(max(v[2] for v in best)) if best else None),
                         calibration=cal, conformal=conf, policy=policy.to_dict())

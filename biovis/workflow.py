@@ -140,15 +140,27 @@ def budget_plan(ds: ImageDataset, arch: str, size, budget_s: float, max_epochs: 
     return dict(epochs=epochs, budget_s=budget_s, fit_s=max(left, 0.0), epoch_s=m['epoch_s'], probe_s=m['probe_s'], why=why)
 
 class BudgetStop(Callback):
-    "Ends the fit after an epoch when the next one would end past `seconds` from its start; the best epoch is kept (`SaveModelCallback`)."
+    """Keeps a fit inside `seconds` from its start: after each epoch, when the epochs left would end past `seconds` at the epoch
+    time measured so far (the slower of the mean and the last), the fit is shortened to the epochs that fit (`n_epoch`, which
+    fastai's one-cycle schedule reads, so it still anneals to the end) and ends after the last of them. The best epoch is kept
+    (`SaveModelCallback`); `stopped` says the plan was cut, `planned` and `epochs_fit` what was planned and what ran. `clock`: seconds."""
     order = 70           # after the recorder and the trackers have seen the epoch
-    def __init__(self, seconds: float): self.seconds, self.stopped = seconds, False
-    def before_fit(self): self.t0 = time.perf_counter()
+    def __init__(self, seconds: float, clock=time.perf_counter):
+        self.seconds, self.clock, self.stopped, self.planned, self.epochs_fit = seconds, clock, False, None, None
+    def before_fit(self): self.t0, self.t_epoch, self.planned = self.clock(), [], self.n_epoch
+    def before_epoch(self): self.te = self.clock()
     def after_epoch(self):
-        spent = time.perf_counter() - self.t0
-        if self.epoch + 1 < self.n_epoch and spent * (self.epoch + 2) / (self.epoch + 1) > self.seconds:
-            self.stopped = True; get_logger('workflow').warning('time budget: stopped after epoch %d of %d', self.epoch + 1, self.n_epoch)
-            raise CancelFitException()
+        now = self.clock(); self.t_epoch.append(now - self.te)
+        done, spent = self.epoch + 1, now - self.t0
+        per = max(sum(self.t_epoch) / len(self.t_epoch), self.t_epoch[-1])
+        fit = done + max(0, int((self.seconds - spent) // per))
+        if fit < self.learn.n_epoch:
+            get_logger('workflow').warning('time budget: an epoch takes %.1f s here, so %d of %d epochs fit in %.0f s; the schedule is shortened',
+                                           per, max(fit, done), self.learn.n_epoch, self.seconds)
+            self.learn.n_epoch, self.stopped = max(fit, done), True
+        self.epochs_fit = self.learn.n_epoch
+        if done >= self.learn.n_epoch and done < self.planned: raise CancelFitException()
+
 
 # %% ../nbs/07_workflow.ipynb #5cef1e70
 VALID_GAP = 0.05     # validation accuracy this far above the held-out test split's is not believed
@@ -180,13 +192,13 @@ def train_and_register(ds: ImageDataset, name: str | None = None, arch: str | No
         plan = budget_plan(ds, choice['arch'], choice['size'], budget_s, epochs, bs=train_kw.get('bs', 128),
                            policy=train_kw.get('policy'), train_splits=train_kw.get('train_splits', ('train',)))
         say(plan['why'])
-        stop = BudgetStop(plan['fit_s'] * 1.1)
+        stop = BudgetStop(plan['fit_s'])
         train_kw['cbs'] = [*(train_kw.get('cbs') or []), stop]
     epochs = plan['epochs'] if plan else (epochs or 10)
     learn = train(ds, arch=choice['arch'], size=choice['size'], epochs=epochs, progress=progress, **train_kw)
     learn.biovis['model_choice'] = choice
     if plan: learn.biovis['training'].update(budget_s=budget_s, epochs_chosen=epochs, epoch_seconds_measured=round(plan['epoch_s'], 3),
-                                             probe_seconds=round(plan['probe_s'], 2), budget_stopped=stop.stopped, budget_why=plan['why'])
+                                             probe_seconds=round(plan['probe_s'], 2), budget_stopped=stop.stopped, epochs_fit=stop.epochs_fit, budget_why=plan['why'])
     if ds.skipped: learn.biovis['dataset']['skipped'] = list(ds.skipped)
     ev = evaluate(learn, ds, split='test', tta=tta)
     log.info('test split: %s', ev)

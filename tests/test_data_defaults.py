@@ -198,6 +198,28 @@ def test_budget_stop_ends_the_fit_and_keeps_the_best_epoch():
     assert stop.stopped and learn.biovis['training']['epochs_run'] == 1
 
 
+def test_budget_stop_shortens_the_schedule_so_it_still_anneals():
+    "Epochs slower than planned: the fit is cut to the epochs that fit and the one-cycle learning rate still ends annealed."
+    from fastai.callback.core import Callback
+    from biovis.data import ImageDataset
+    from biovis.train import train
+    from biovis.workflow import BudgetStop
+    n, now = 160, [0.0]
+    y = np.arange(n) % 2
+    x = np.clip(np.random.default_rng(0).normal(60 + 120 * y[:, None, None, None], 20, (n, 16, 16, 1)), 0, 255).astype(np.uint8)
+    ds = ImageDataset(['a', 'b'], y, ['train'] * 96 + ['valid'] * 32 + ['test'] * 32, array=x)
+    class TenSecondEpochs(Callback):          # the clock BudgetStop reads: each epoch takes 10 s
+        order = 60
+        def after_epoch(self): now[0] += 10
+    stop = BudgetStop(35.0, clock=lambda: now[0])
+    learn = train(ds, epochs=6, bs=32, lr=4e-3, progress=False, cbs=[TenSecondEpochs(), stop])
+    assert stop.stopped and stop.planned == 6 and stop.epochs_fit == 3
+    assert learn.biovis['training']['epochs_run'] == 3 and now[0] <= 35
+    lrs = learn.recorder.lrs
+    # the last of 9 steps runs at 8/9 of the shortened schedule (~5 % of the peak); cut at epoch 3 of 6 it would be near the peak
+    assert max(lrs) > 1e-3 and lrs[-1] < 4e-3 / 10, (max(lrs), lrs[-1])
+
+
 def test_cli_train_with_budget_prints_and_records_its_choices(tmp_path):
     "A 28-px class folder with an extra TEST_SIMPLE/: the small CNN at 28 px, epochs from a measured epoch, all in the metadata."
     from biovis.data import export_folder, load_dataset
@@ -231,3 +253,34 @@ def test_validation_far_above_test_is_warned_in_the_card():
     meta = dict(name='m', version='v1', classes=['a', 'b'], arch='cnn_small', input_size=[28, 28], channels=3, warnings=[w])
     assert f'- **Warning**: {w}' in model_card(meta)
     assert '**Warning**' not in model_card(dict(meta, warnings=[]))
+
+
+def test_class_weights_only_for_imbalanced_training_classes():
+    from biovis.train import class_weights
+    w, why = class_weights(np.array([0] * 388 + [1] * 3494), ['normal', 'pneumonia'])       # this PneumoniaMNIST copy's train split
+    assert np.allclose(w * [388, 3494], 3882 / 2) and 'normal: 388 images x 5.00' in why and '9.0 times' in why
+    assert class_weights(np.array([0] * 852 + [1] * 2330), ['a', 'b']) == (None, '')        # BloodMNIST-like 2.7 : 1
+    assert class_weights(np.array([0] * 852 + [1] * 2330), ['a', 'b'], balance=True)[0] is not None
+    w, why = class_weights(np.array([0] * 10 + [2] * 50), ['a', 'b', 'c'])                 # an absent class gets no weight
+    assert w[1] == 0 and np.isclose(w[0] * 10, w[2] * 50) and 'asked' not in why
+
+
+def test_imbalanced_training_split_is_weighed_and_recalls_the_rare_class():
+    "1 : 9 training classes that overlap, balanced test: unweighted, the rare class is mostly called the common one; weighed, it is found."
+    from biovis.data import ImageDataset
+    from biovis.train import train
+    from biovis.models import predict_proba
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 40 + [1] * 360 + [0, 1] * 40 + [0] * 100 + [1] * 100)
+    level = 100 + 30 * y + rng.normal(0, 30, len(y))            # one brightness per image: the classes overlap (d' = 1)
+    x = np.clip(level[:, None, None, None] + rng.normal(0, 5, (len(y), 16, 16, 1)), 0, 255).astype(np.uint8)
+    ds = ImageDataset(['rare', 'common'], y, ['train'] * 400 + ['valid'] * 80 + ['test'] * 200, array=x)
+    xt, yt = ds.tensors('test')
+    recall = {}
+    for balance in (False, None):
+        learn = train(ds, epochs=6, bs=32, progress=False, balance=balance, calibrate_on=None)
+        recall[balance] = float((predict_proba(learn.model, xt).argmax(1)[yt == 0] == 0).mean())
+        tr = learn.biovis['training']
+        assert (tr['class_weights'] is None) == (balance is False) and '9.0 times' in tr['class_weights_why']
+        assert tr['class_weights_why'].startswith('classes not weighed (asked)' if balance is False else 'each class weighed equally')
+    assert recall[None] > recall[False] + 0.2, recall
