@@ -80,6 +80,7 @@ def train_with_defaults(ds: ImageDataset, budget_s: float, registry: ModelRegist
                 classes=list(ds.classes), modality=policy.modality, modality_source=policy.source, augmentation=policy.describe(),
                 arch=meta['arch'], size=list(meta['input_size']), pretrained=bool(tr.get('pretrained')),
                 model_choice=meta.get('model_choice', {}).get('why'), budget_why=tr.get('budget_why'),
+                budget_stopped=bool(tr.get('budget_stopped')), epochs_fit=tr.get('epochs_fit'), class_weights=tr.get('class_weights_why') or None,
                 temperature=(meta.get('calibration') or {}).get('temperature'), warnings=list(meta.get('warnings', [])),
                 best_valid_accuracy=tr.get('best_valid_accuracy'))
 
@@ -103,7 +104,9 @@ def _markdown(r: dict) -> str:
              '4,708 training images (the rest are not in this copy); its test split is the official 624.', '']
     for name, s in r['sets'].items():
         lines += [f'## {name}', '', f"- {s['n_train']} train / {s['n_valid']} valid / {s['n_test']} test images; classes: {', '.join(s['classes'])}",
-                  f"- Augmentation: {s['augmentation']}", f"- Network: {s['model_choice']}", f"- Epochs: {s['budget_why']}",
+                  f"- Augmentation: {s['augmentation']}", f"- Network: {s['model_choice']}", f"- Epochs: {s['budget_why']}"
+                  + (f" (shortened to {s['epochs_fit']} by the budget guard: epochs took longer than the probe measured)" if s.get('budget_stopped') else ''),
+                  *([f"- Class weights: {s['class_weights']}"] if s.get('class_weights') else []),
                   *[f'- Warning: {w}' for w in s['warnings']], '']
     return '\n'.join(lines)
 
