@@ -25,9 +25,9 @@ from .inference import Predictor
 from .conformal import describe_set
 
 # %% auto #0
-__all__ = ['SMALL_SIDE', 'MAX_BUDGET_EPOCHS', 'VALID_GAP', 'image_sizes', 'choose_model', 'epochs_for_budget', 'measure_epoch',
-           'budget_plan', 'BudgetStop', 'validation_gap', 'train_and_register', 'recalibrate_version', 'write_report',
-           'quickstart']
+__all__ = ['SMALL_SIDE', 'MAX_BUDGET_EPOCHS', 'FIRST_EPOCH_WEIGHT', 'VALID_GAP', 'image_sizes', 'choose_model',
+           'epochs_for_budget', 'measure_epoch', 'budget_plan', 'BudgetStop', 'validation_gap', 'train_and_register',
+           'recalibrate_version', 'write_report', 'quickstart']
 
 # %% ../nbs/07_workflow.ipynb #f500b05b
 SMALL_SIDE = 64              # images of one size under this side (px) get the small CNN at their own size
@@ -139,9 +139,12 @@ def budget_plan(ds: ImageDataset, arch: str, size, budget_s: float, max_epochs: 
     elif not max_epochs and fit > MAX_BUDGET_EPOCHS: why += f' (at most {MAX_BUDGET_EPOCHS}; {fit} would fit)'
     return dict(epochs=epochs, budget_s=budget_s, fit_s=max(left, 0.0), epoch_s=m['epoch_s'], probe_s=m['probe_s'], why=why)
 
+FIRST_EPOCH_WEIGHT = 0.8     # the first epoch's time, as a guess of the next: it includes warm-up (allocation, first validation)
+
 class BudgetStop(Callback):
     """Keeps a fit inside `seconds` from its start: after each epoch, when the epochs left would end past `seconds` at the epoch
-    time measured so far (the slower of the mean and the last), the fit is shortened to the epochs that fit (`n_epoch`, which
+    time measured so far (the slower of the mean and the last; the first epoch counts at `FIRST_EPOCH_WEIGHT` while it is
+    the only one, and not after), the fit is shortened to the epochs that fit (`n_epoch`, which
     fastai's one-cycle schedule reads, so it still anneals to the end) and ends after the last of them. The best epoch is kept
     (`SaveModelCallback`); `stopped` says the plan was cut, `planned` and `epochs_fit` what was planned and what ran. `clock`: seconds."""
     order = 70           # after the recorder and the trackers have seen the epoch
@@ -152,7 +155,8 @@ class BudgetStop(Callback):
     def after_epoch(self):
         now = self.clock(); self.t_epoch.append(now - self.te)
         done, spent = self.epoch + 1, now - self.t0
-        per = max(sum(self.t_epoch) / len(self.t_epoch), self.t_epoch[-1])
+        t = self.t_epoch[1:] or [self.t_epoch[0] * FIRST_EPOCH_WEIGHT]      # the first epoch carries one-time costs
+        per = max(sum(t) / len(t), t[-1])
         fit = done + max(0, int((self.seconds - spent) // per))
         if fit < self.learn.n_epoch:
             get_logger('workflow').warning('time budget: an epoch takes %.1f s here, so %d of %d epochs fit in %.0f s; the schedule is shortened',
