@@ -175,7 +175,9 @@ def class_weights(y: np.ndarray, classes, balance: bool | None = None, imbalance
     ratio = float(present.max() / present.min()) if len(present) > 1 else 1.0
     if balance is False: return None, ('' if ratio < imbalance else f'classes not weighed (asked), though the largest is {ratio:.1f} times the smallest')
     if balance is None and ratio < imbalance: return None, ''
-    w = len(y) / (len(present) * np.maximum(counts, 1)) * (counts > 0)
+    from sklearn.utils.class_weight import compute_class_weight       # scikit-learn's 'balanced' weights, n / (k n_c)
+    w, seen = np.zeros(len(classes)), np.flatnonzero(counts)
+    w[seen] = compute_class_weight('balanced', classes=seen, y=np.asarray(y, int))
     return w, (f'each class weighed equally in the loss ({"asked" if balance else f"the largest training class is {ratio:.1f} times the smallest, >= {imbalance:g}"}): '
                + ', '.join(f'{n}: {int(k)} images x {wt:.2f}' for n, k, wt in zip(classes, counts, w)))
 

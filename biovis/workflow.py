@@ -160,8 +160,8 @@ class BudgetStop(Callback):
         fit = done + max(0, int((self.seconds - spent) // per))
         if fit < self.learn.n_epoch:
             get_logger('workflow').warning('time budget: an epoch takes %.1f s here, so %d of %d epochs fit in %.0f s; the schedule is shortened',
-                                           per, max(fit, done), self.learn.n_epoch, self.seconds)
-            self.learn.n_epoch, self.stopped = max(fit, done), True
+                                           per, fit, self.learn.n_epoch, self.seconds)
+            self.learn.n_epoch, self.stopped = fit, True
         self.epochs_fit = self.learn.n_epoch
         if done >= self.learn.n_epoch and done < self.planned: raise CancelFitException()
 
