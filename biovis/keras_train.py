@@ -71,10 +71,11 @@ def evaluate_keras(model, ds: ImageDataset, meta: dict, split: str = 'test', tta
 def _augmenter(tf, keras, policy: DataPolicy, size, seed: int = 42):
     """The training transforms `policy` allows, as a function of a batch (N x H x W x C in [0, 1]), as `biovis.train.PolicyAug` does for
     fastai: one of the 4 quarter turns (square images) and a mirror half the time only where they keep the label, free rotations up to
-    `policy.rotate` degrees and shifts up to `policy.shift` px (Keras' random layers, reflected borders), brightness and contrast within +-`policy.jitter`."""
+    `policy.rotate` degrees, shifts up to `policy.shift` px and zooms within +-`policy.scale` (Keras' random layers, reflected borders), brightness and contrast within +-`policy.jitter`."""
     rot = keras.layers.RandomRotation(policy.rotate / 360, fill_mode='reflect', seed=seed) if policy.rotate else None
     shift = (keras.layers.RandomTranslation(policy.shift / size[0], policy.shift / size[1], fill_mode='reflect', seed=seed + 1)
              if policy.shift else None)
+    zoom = keras.layers.RandomZoom((-policy.scale, policy.scale), fill_mode='reflect', seed=seed + 2) if policy.scale else None
     def augment(x):
         n = tf.shape(x)[0]
         if policy.rot90 and x.shape[1] == x.shape[2]:
@@ -84,6 +85,7 @@ def _augmenter(tf, keras, policy: DataPolicy, size, seed: int = 42):
         if policy.flip: x = tf.image.random_flip_left_right(x)
         if rot is not None: x = rot(x, training=True)
         if shift is not None: x = shift(x, training=True)
+        if zoom is not None: x = zoom(x, training=True)
         if policy.jitter:
             u = lambda: 1 + tf.random.uniform([n, 1, 1, 1], -policy.jitter, policy.jitter)
             x = x * u()

@@ -27,6 +27,7 @@ class DataPolicy:
     flip: bool = False           # mirror images keep the label (nothing is left)
     rotate: float = 10.0         # largest free rotation in degrees, on top of quarter turns (0: none)
     shift: int = 2               # largest shift in whole pixels
+    scale: float = 0.0           # largest zoom in or out, as a fraction (0.15: 85-115 %); 0 where size is a finding (a cell's size tells its type)
     jitter: float = 0.1          # brightness / contrast (and saturation for RGB) within +-jitter
     source: str = 'default'      # medmnist, --modality, README, or default
 
@@ -42,14 +43,16 @@ class DataPolicy:
         geo = ('quarter turns and mirror images' if self.rot90 and self.flip else 'mirror images, no quarter turns' if self.flip
                else 'quarter turns, no mirror images' if self.rot90 else 'no mirror images, no quarter turns')
         rot = f', rotations up to {self.rotate:g} degrees' if self.rotate else ''
-        return (f'{self.modality} (from {self.source}): {geo}{rot}, shifts up to {self.shift} px, colour jitter +-{self.jitter:g}; '
+        return (f'{self.modality} (from {self.source}): {geo}{rot}, shifts up to {self.shift} px{f", zoom +-{self.scale:.0%}" if self.scale else ""}, colour jitter +-{self.jitter:g}; '
                 f'{len(self.tta_views)} test-time view{"s" if len(self.tta_views) > 1 else ""}')
 
 # %% ../nbs/01b_policy.ipynb #7b18532c
 _SLIDE = dict(rot90=True, flip=True, rotate=0.0, jitter=0.2)
 _ANATOMY = dict(rotate=10.0, jitter=0.1)
+# a radiograph's scale and exposure vary with the patient's size, the distance to the detector and the machine's settings
+_XRAY = dict(_ANATOMY, scale=0.15, jitter=0.25)
 _POLICIES = dict(microscopy=_SLIDE, pathology=_SLIDE, dermoscopy=dict(_SLIDE, jitter=0.1),
-                 xray=_ANATOMY, ct_mr=_ANATOMY, ultrasound=_ANATOMY, oct=dict(_ANATOMY, rotate=5.0), fundus=dict(_ANATOMY, rotate=15.0),
+                 xray=_XRAY, ct_mr=_ANATOMY, ultrasound=_ANATOMY, oct=dict(_ANATOMY, rotate=5.0), fundus=dict(_ANATOMY, rotate=15.0),
                  photograph=dict(flip=True, rotate=10.0, jitter=0.2), other={})
 
 def policy_for(modality: str | None = None, source: str = 'default') -> DataPolicy:

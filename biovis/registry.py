@@ -274,6 +274,7 @@ def model_card(meta: dict) -> str:
              *([f"- **Network and size chosen**: {meta['model_choice']['why']}"] if (meta.get('model_choice') or {}).get('why') else []),
              *([f"- **Time budget**: {tr['budget_why']}" + (f" (shortened to {tr.get('epochs_fit') or tr.get('epochs_run')} epochs by the budget guard: epochs took longer than measured)" if tr.get('budget_stopped') else '')] if tr.get('budget_why') else []),
              *([f"- **Class weights**: {tr['class_weights_why']}"] if tr.get('class_weights_why') else []),
+             *([f"- **Epoch kept**: {tr['epoch_kept_why']}"] if tr.get('epoch_kept_why') else []),
              *([f"- **Folders not used**: {', '.join(map(str, ds['skipped']))}"] if ds.get('skipped') else []),
              *([f"- **Augmentation and test-time views**: {policy_from_dict(meta['policy']).describe()}"] if meta.get('policy') else []),
              '- **Probabilities**: ' + (f"softmax of the logits / T, T = {cal['temperature']:.4f} fitted on the `{cal['fitted_on']}` split "

@@ -30,8 +30,8 @@ from .conformal import CONFORMAL_LEVELS, METHOD, calibrate_conformal
 
 # %% auto #0
 __all__ = ['SATURATED_ACCURACY', 'SATURATED_NLL', 'IMBALANCE', 'ArrayDataset', 'ArrayDL', 'make_dls', 'random_affine',
-           'color_jitter', 'PolicyAug', 'nll', 'fit_temperature', 'saturated', 'calibrate', 'calibrate_sets',
-           'class_weights', 'train']
+           'color_jitter', 'policy_augment', 'PolicyAug', 'prefer_best', 'SelectEpoch', 'nll', 'fit_temperature',
+           'saturated', 'calibrate', 'calibrate_sets', 'class_weights', 'train']
 
 # %% ../nbs/03_train.ipynb #67c3bd46
 class ArrayDataset:
@@ -98,15 +98,55 @@ def color_jitter(x: torch.Tensor, jitter: float = 0.2, generator=None) -> torch.
     return x.clamp(0, 1)
 
 # %% ../nbs/03_train.ipynb #ba777866
+def policy_augment(x: torch.Tensor, policy: DataPolicy, generator=None) -> torch.Tensor:
+    "The random training transforms `policy` allows, on a batch `x` (N x C x H x W in [0, 1]): `random_affine`, then `color_jitter` (channels last)."
+    p = policy
+    x = random_affine(x, p.rot90, p.flip, p.rotate, p.shift, (1 - p.scale, 1 + p.scale), generator=generator)
+    return color_jitter(x, p.jitter, generator=generator).contiguous(memory_format=torch.channels_last)
+
 class PolicyAug(Callback):
     "On every training batch, the random transforms `policy` (a `biovis.policy.DataPolicy`) allows, then its colour jitter."
     order = 5
     def __init__(self, policy: DataPolicy | None = None): self.policy = policy or policy_for('microscopy')
     def before_batch(self):
         if not self.training: return
-        p = self.policy
-        x = random_affine(self.xb[0], p.rot90, p.flip, p.rotate, p.shift)
-        self.learn.xb = (color_jitter(x, p.jitter).contiguous(memory_format=torch.channels_last),)
+        self.learn.xb = (policy_augment(self.xb[0], self.policy),)
+
+# %% ../nbs/03_train.ipynb #5e1ec7a1
+def prefer_best(best_right, last_right, alpha: float = 0.05) -> dict:
+    "McNemar's exact test of two epochs on the same validation images (boolean arrays: image right): whether the best one beats the last by more than chance."
+    from scipy.stats import binomtest
+    b_, l_ = np.asarray(best_right, bool), np.asarray(last_right, bool)
+    b, c = int((b_ & ~l_).sum()), int((~b_ & l_).sum())         # right only with the best, right only with the last
+    p = float(binomtest(b, b + c, 0.5, alternative='greater').pvalue) if b + c else 1.0
+    return dict(best_only=b, last_only=c, p=round(p, 6), prefer_best=p < alpha)
+
+class SelectEpoch(SaveModelCallback):
+    "Checkpoints the epoch of best validation `accuracy` (ties: the later) and at the end keeps it only if `prefer_best` says it beats the last epoch; else the last, annealed epoch stays. `choice` says what was kept and why."
+    def __init__(self, alpha: float = 0.05, fname: str = 'best'):
+        super().__init__(monitor='accuracy', comp=np.greater_equal, fname=fname, with_opt=False)
+        self.alpha, self.choice = alpha, None
+    def before_fit(self):
+        super().before_fit(); self.right, self.cur, self.best_epoch = {}, [], None
+    def after_batch(self):
+        if not self.training: self.cur.append((self.pred.argmax(-1) == self.yb[0]).cpu())
+    def after_epoch(self):
+        self.right[self.epoch], self.cur = torch.cat(self.cur).numpy() if self.cur else np.zeros(0, bool), []
+        super().after_epoch()
+        if self.new_best: self.best_epoch = self.epoch
+    def after_fit(self, **kwargs):
+        last, best = self.epoch, self.best_epoch
+        if best is None or best == last or not len(self.right.get(last, [])):
+            self.choice = dict(epoch=last, last_epoch=last, best_epoch=best, why='the last epoch is the best on validation')
+        else:
+            t = prefer_best(self.right[best], self.right[last], self.alpha)
+            acc = lambda e: round(float(self.right[e].mean()), 4)
+            self.choice = dict(epoch=best if t['prefer_best'] else last, last_epoch=last, best_epoch=best, **t,
+                               why=(f'epoch {best} ({acc(best)}) against the last, epoch {last} ({acc(last)}), on validation: '
+                                    f'{t["best_only"]} images right only with it, {t["last_only"]} only with the last, McNemar p = {t["p"]:.3g}'
+                                    + (f' < {self.alpha}: epoch {best} kept' if t['prefer_best'] else f' >= {self.alpha}: not more than chance, the last epoch kept')))
+            if t['prefer_best']: super().after_fit(**kwargs)
+        self.run = True
 
 # %% ../nbs/03_train.ipynb #a7d8dcc1
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
@@ -189,7 +229,7 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
           train_splits=('train',), checkpoint_dir=None, device=None, progress: bool = True,
           deterministic: bool = True, cbs: list | None = None, calibrate_on: str | None = 'valid',
           policy: DataPolicy | str | None = None, balance: bool | None = None) -> Learner:
-    """Train `arch` on `ds` with fastai (extra fastai callbacks in `cbs`); returns the `Learner` with the best validation epoch restored
+    """Train `arch` on `ds` with fastai (extra fastai callbacks in `cbs`); returns the `Learner` with the last epoch, or the best validation epoch where it is better by more than chance (`SelectEpoch`),
     and its temperature and prediction sets calibrated on `calibrate_on`. `policy` (a `DataPolicy` or a modality name; default: the data set's own) sets the augmentation.
     `balance`: weigh the classes equally in the loss (None: when the training classes are imbalanced, `class_weights`)."""
     log = get_logger('train')
@@ -208,7 +248,8 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
     path = Path(checkpoint_dir) if checkpoint_dir else Path(__import__('tempfile').mkdtemp(prefix='biovis-ckpt-'))   # removed after fitting
     extra_cbs = cbs
     selecting = 'valid' not in train_splits   # with the validation split trained on, keep the last epoch
-    cbs = [SaveModelCallback(monitor='accuracy', fname='best', with_opt=False)] if selecting else []
+    select = SelectEpoch() if selecting else None
+    cbs = [select] if selecting else []
     policy = resolve_policy(ds, policy)
     if augment: cbs.append(PolicyAug(policy))
     if patience and selecting: cbs.append(EarlyStoppingCallback(monitor='accuracy', patience=patience))
@@ -226,11 +267,12 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
         if progress: learn.fit_one_cycle(epochs, lr)
         else:
             with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
-    finally:    # the best epoch's weights are back in the model by now (SaveModelCallback); its file is not needed
+    finally:    # the kept epoch's weights are in the model by now (SelectEpoch); the checkpoint file is not needed
         if not checkpoint_dir: shutil.rmtree(path, ignore_errors=True)
     secs = time.perf_counter() - t0
     best = learn.recorder.values
     cal = calibrate(lambda x: predict_logits(learn.model, x), ds, calibrate_on, train_splits, size, channels)
+    if select and select.choice: log.info('epoch kept: %s', select.choice['why'])
     log.info('calibration: temperature %.4f (%s)', cal['temperature'], cal.get('note') or f"NLL on {calibrate_on} {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}")
     conf = calibrate_sets(lambda x, tta: predict_proba(learn.model, x, tta=tta, temperature=cal['temperature'], views=policy.tta_views),
                           ds, calibrate_on, train_splits, size, channels)
@@ -243,6 +285,8 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
                                       label_smoothing=label_smoothing, augment=augment, class_weights=None if weights is None else [round(float(w), 4) for w in weights],
                                       class_weights_why=balance_why, pretrained=pretrained and ARCHS[arch].pretrained,
                                       seconds=round(secs, 2), device=str(device),
-                                      best_valid_accuracy=float(max(v[2] for v in best)) if best else None),
+                                      best_valid_accuracy=float(max(v[2] for v in best)) if best else None,
+                                      epoch_kept=select.choice['epoch'] if select and select.choice else (len(best) - 1 if best else None),
+                                      epoch_kept_why=select.choice['why'] if select and select.choice else 'the last epoch (validation split trained on)'),
                         calibration=cal, conformal=conf, policy=policy.to_dict())
     return learn

@@ -103,7 +103,7 @@ def measure_epoch(ds: ImageDataset, arch: str, size, bs: int = 128, policy=None,
     from biovis.core import get_device
     from biovis.models import create_model
     from biovis.policy import resolve_policy
-    from biovis.train import random_affine, color_jitter
+    from biovis.train import policy_augment
     t0, dev = time.perf_counter(), device or get_device()
     sz = (size, size) if isinstance(size, int) else tuple(size)
     tr = np.concatenate([ds.idxs(s) for s in train_splits])
@@ -116,7 +116,7 @@ def measure_epoch(ds: ImageDataset, arch: str, size, bs: int = 128, policy=None,
     opt, p = torch.optim.Adam(model.parameters(), 1e-3), resolve_policy(ds, policy)
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
     def step():
-        xa = color_jitter(random_affine(xb, p.rot90, p.flip, p.rotate, p.shift), p.jitter).contiguous(memory_format=torch.channels_last)
+        xa = policy_augment(xb, p)
         loss = F.cross_entropy(model(xa), yb); opt.zero_grad(); loss.backward(); opt.step()
     step(); sync(); t = time.perf_counter()
     for _ in range(steps): step()
@@ -145,8 +145,8 @@ class BudgetStop(Callback):
     """Keeps a fit inside `seconds` from its start: after each epoch, when the epochs left would end past `seconds` at the epoch
     time measured so far (the slower of the mean and the last; the first epoch counts at `FIRST_EPOCH_WEIGHT` while it is
     the only one, and not after), the fit is shortened to the epochs that fit (`n_epoch`, which
-    fastai's one-cycle schedule reads, so it still anneals to the end) and ends after the last of them. The best epoch is kept
-    (`SaveModelCallback`); `stopped` says the plan was cut, `planned` and `epochs_fit` what was planned and what ran. `clock`: seconds."""
+    fastai's one-cycle schedule reads, so it still anneals to the end) and ends after the last of them. The epoch kept is
+    `SelectEpoch`'s choice; `stopped` says the plan was cut, `planned` and `epochs_fit` what was planned and what ran. `clock`: seconds."""
     order = 70           # after the recorder and the trackers have seen the epoch
     def __init__(self, seconds: float, clock=time.perf_counter):
         self.seconds, self.clock, self.stopped, self.planned, self.epochs_fit = seconds, clock, False, None, None

@@ -284,3 +284,37 @@ def test_imbalanced_training_split_is_weighed_and_recalls_the_rare_class():
         assert (tr['class_weights'] is None) == (balance is False) and '9.0 times' in tr['class_weights_why']
         assert tr['class_weights_why'].startswith('classes not weighed (asked)' if balance is False else 'each class weighed equally')
     assert recall[None] > recall[False] + 0.2, recall
+
+
+def _separable(n=160, seed=0):
+    from biovis.data import ImageDataset
+    y = np.arange(n) % 2
+    x = np.clip(np.random.default_rng(seed).normal(60 + 120 * y[:, None, None, None], 20, (n, 16, 16, 1)), 0, 255).astype(np.uint8)
+    return ImageDataset(['a', 'b'], y, ['train'] * 96 + ['valid'] * 32 + ['test'] * 32, array=x)
+
+
+def test_the_last_epoch_is_kept_unless_the_best_beats_it_by_more_than_chance():
+    "Equally good epochs: the last (annealed) one stays, not the first to reach the best accuracy; a last epoch that went wrong is replaced by the best."
+    import torch
+    from fastai.callback.core import Callback
+    from biovis.train import train
+    from biovis.models import predict_proba
+    ds = _separable()
+    xv, yv = ds.tensors('valid')
+    learn = train(ds, epochs=4, bs=32, progress=False, calibrate_on=None)
+    tr = learn.biovis['training']
+    accs = [v[2] for v in learn.recorder.values]
+    assert max(accs) == 1.0 and accs.index(1.0) < 3, accs      # the old rule (first best) would keep an early epoch
+    assert tr['epoch_kept'] == 3, tr
+
+    class WreckLastEpoch(Callback):          # the last epoch's weights replaced by noise before it is validated
+        order = 50
+        def before_validate(self):
+            if self.epoch == self.n_epoch - 1:
+                with torch.no_grad():
+                    for p in self.model.parameters(): p.copy_(torch.randn_like(p) * 3)
+    learn = train(ds, epochs=4, bs=32, progress=False, calibrate_on=None, cbs=[WreckLastEpoch()])
+    tr = learn.biovis['training']
+    assert learn.recorder.values[-1][2] <= 0.75 and tr['epoch_kept'] < 3, (learn.recorder.values, tr)
+    assert 'McNemar p = ' in tr['epoch_kept_why'] and 'kept' in tr['epoch_kept_why']
+    assert (predict_proba(learn.model, xv).argmax(1) == yv).mean() == tr['best_valid_accuracy'] == 1.0

@@ -158,9 +158,11 @@ def test_keras_follows_the_data_policy(keras_files):
     tf, keras = _tf()
     x = tf.constant(np.random.default_rng(0).random((16, 12, 12, 1)), tf.float32)     # no image equals its mirror or a turn
     mirrored = lambda a, b: bool(np.any([np.allclose(a[i], b[i][:, ::-1]) for i in range(len(a))]))
-    geometric_only = dict(rotate=0.0, shift=0, jitter=0.0)
+    geometric_only = dict(rotate=0.0, shift=0, jitter=0.0, scale=0.0)
     xray = _augmenter(tf, keras, replace(policy_for('xray'), **geometric_only), (12, 12))
     assert all(np.allclose(xray(x).numpy(), x.numpy()) for _ in range(5))      # nothing an X-ray's label cannot survive
+    zoom = _augmenter(tf, keras, replace(policy_for('xray'), rotate=0.0, shift=0, jitter=0.0), (12, 12))     # X-ray zooms +-15 %
+    assert not all(np.allclose(zoom(x).numpy(), x.numpy()) for _ in range(5)) and not any(mirrored(zoom(x).numpy(), x.numpy()) for _ in range(5))
     cells = _augmenter(tf, keras, replace(policy_for('microscopy'), **geometric_only), (12, 12))
     assert not all(np.allclose(cells(x).numpy(), x.numpy()) for _ in range(5))
     assert any(mirrored(cells(x).numpy(), x.numpy()) for _ in range(5))      # cells: mirrors and quarter turns

@@ -86,3 +86,19 @@ def test_cli_records_the_policy_and_the_predictor_uses_its_views(tmp_path):
 def test_a_model_from_before_policies_keeps_its_eight_views():
     from biovis.policy import policy_from_dict
     assert len(policy_from_dict(None).tta_views) == 8 and policy_from_dict({}).flip
+
+
+def test_xray_training_zooms_and_microscopy_keeps_the_size():
+    "A radiograph's scale varies with the patient and the detector, so X-ray training zooms (+-15 %); a cell's size tells its type, so microscopy never does."
+    import torch
+    from biovis.policy import policy_for
+    from biovis.train import policy_augment
+    x = torch.zeros(256, 1, 28, 28); x[..., 10:18, 10:18] = 1.0         # a bright 8 x 8 square (64 px) in the middle
+    g = torch.Generator().manual_seed(0)
+    area = lambda p: (policy_augment(x, p, generator=g) > 0.5).flatten(1).sum(1).float()
+    xray, cells = policy_for('xray'), policy_for('microscopy')
+    assert xray.scale == 0.15 and cells.scale == 0 and 'zoom +-15%' in xray.describe() and 'zoom' not in cells.describe()
+    a = area(cells)
+    assert (a == 64).all(), a.unique()                  # quarter turns, mirror images and whole-pixel shifts keep 64 px
+    a = area(xray)                                      # zoomed by 0.85-1.15, turned, resampled and jittered: about 36-91 px
+    assert a.min() < 56 and a.max() > 72 and a.min() > 25 and a.max() < 110, (a.min(), a.max())

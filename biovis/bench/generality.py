@@ -81,6 +81,7 @@ def train_with_defaults(ds: ImageDataset, budget_s: float, registry: ModelRegist
                 arch=meta['arch'], size=list(meta['input_size']), pretrained=bool(tr.get('pretrained')),
                 model_choice=meta.get('model_choice', {}).get('why'), budget_why=tr.get('budget_why'),
                 budget_stopped=bool(tr.get('budget_stopped')), epochs_fit=tr.get('epochs_fit'), class_weights=tr.get('class_weights_why') or None,
+                epoch_kept=tr.get('epoch_kept'), epoch_kept_why=tr.get('epoch_kept_why'),
                 temperature=(meta.get('calibration') or {}).get('temperature'), warnings=list(meta.get('warnings', [])),
                 best_valid_accuracy=tr.get('best_valid_accuracy'))
 
@@ -107,6 +108,7 @@ def _markdown(r: dict) -> str:
                   f"- Augmentation: {s['augmentation']}", f"- Network: {s['model_choice']}", f"- Epochs: {s['budget_why']}"
                   + (f" (shortened to {s['epochs_fit']} by the budget guard: epochs took longer than the probe measured)" if s.get('budget_stopped') else ''),
                   *([f"- Class weights: {s['class_weights']}"] if s.get('class_weights') else []),
+                  *([f"- Epoch kept: {s['epoch_kept_why']}"] if s.get('epoch_kept_why') else []),
                   *[f'- Warning: {w}' for w in s['warnings']], '']
     return '\n'.join(lines)
 

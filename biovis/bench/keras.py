@@ -146,6 +146,6 @@ def _keras_md(r: dict) -> str:
         f"| ONNX Runtime | {r['onnx_latency_ms_p50']:.2f} | {r['onnx_latency_ms_p99']:.2f} |", '',
         'The two `cnn_small` networks are not the same: fastai\'s is the ResNet-9-style network of `biovis.models` (residual '
         'blocks, max + mean pooling), the Keras one a plain VGG-style stack (`keras_cnn_small`); with the same seconds each runs '
-        'as many epochs as its cost per image allows. Both keep their best validation epoch; neither is trained on the validation split.', '',
+        'as many epochs as its cost per image allows. Keras keeps its best validation epoch, fastai its last unless the best beats it on validation by more than chance (`SelectEpoch`); neither is trained on the validation split.', '',
         f"ONNX Runtime is {r['onnx_speedup_vs_torch']:.2f}x the speed of PyTorch for one image; the largest difference in a "
         f"probability over 256 test images is {r['onnx_vs_torch_max_prob_diff']:.1e}.", ''])

@@ -17,7 +17,7 @@ from .report import run_info, md_table, write_report
 from ..data import ImageDataset, load_dataset, find_bloodmnist
 from ..policy import DataPolicy, resolve_policy
 from ..models import create_model, set_normalization, predict_proba
-from ..train import random_affine, color_jitter
+from ..train import policy_augment
 from ..feedback.queue import margin_uncertainty, k_center_greedy
 
 # %% auto #0
@@ -119,8 +119,7 @@ def fit_small(x: np.ndarray, y: np.ndarray, n_classes: int, epochs: int = 15, mi
         for b in torch.randperm(n, generator=g).split(bs):
             if done == steps: break
             if n > bs and len(b) < bs: continue                 # drop the last, partial batch, as fastai does
-            xb = random_affine(xt[b].float() / 255, p.rot90, p.flip, p.rotate, p.shift, generator=g)
-            xb = color_jitter(xb, p.jitter, generator=g).contiguous(memory_format=torch.channels_last)
+            xb = policy_augment(xt[b].float() / 255, p, generator=g)
             loss = F.cross_entropy(model(xb), yt[b], label_smoothing=label_smoothing)
             opt.zero_grad(); loss.backward(); opt.step(); sched.step(); done += 1
     return model.eval()
