@@ -129,9 +129,10 @@ class SelectEpoch(SaveModelCallback):
     def before_fit(self):
         super().before_fit(); self.right, self.cur, self.best_epoch = {}, [], None
     def after_batch(self):
-        if not self.training: self.cur.append((self.pred.argmax(-1) == self.yb[0]).cpu())
+        # gathered from every rank (and unpadded) in data-parallel training, as fastai's metrics are: every rank decides alike
+        if not self.training: self.cur.append(self.learn.to_detach((self.pred.argmax(-1) == self.yb[0]).to(torch.uint8)))
     def after_epoch(self):
-        self.right[self.epoch], self.cur = torch.cat(self.cur).numpy() if self.cur else np.zeros(0, bool), []
+        self.right[self.epoch], self.cur = torch.cat(self.cur).numpy().astype(bool) if self.cur else np.zeros(0, bool), []
         super().after_epoch()
         if self.new_best: self.best_epoch = self.epoch
     def after_fit(self, **kwargs):
@@ -143,7 +144,7 @@ class SelectEpoch(SaveModelCallback):
             acc = lambda e: round(float(self.right[e].mean()), 4)
             self.choice = dict(epoch=best if t['prefer_best'] else last, last_epoch=last, best_epoch=best, **t,
                                why=(f'epoch {best} ({acc(best)}) against the last, epoch {last} ({acc(last)}), on validation: '
-                                    f'{t["best_only"]} images right only with it, {t["last_only"]} only with the last, McNemar p = {t["p"]:.3g}'
+                                    f'{t["best_only"]} image{"s" * (t["best_only"] != 1)} right only with it, {t["last_only"]} only with the last, McNemar p = {t["p"]:.3g}'
                                     + (f' < {self.alpha}: epoch {best} kept' if t['prefer_best'] else f' >= {self.alpha}: not more than chance, the last epoch kept')))
             if t['prefer_best']: super().after_fit(**kwargs)
         self.run = True
