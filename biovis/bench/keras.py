@@ -87,6 +87,7 @@ def keras_benchmark(data=None, out_dir=None, budget_s: float = 150, keras_arch: 
     learn = train(ds, fastai_arch, epochs=1000, seed=seed, progress=False, cbs=[_fastai_clock(budget_s)])
     res['fastai_train_seconds'] = time.perf_counter() - t0
     res['fastai_epochs'] = len(learn.recorder.values)
+    res['fastai_epoch_kept_why'] = learn.biovis['training'].get('epoch_kept_why')
     res['fastai_params'] = int(sum(p.numel() for p in learn.model.parameters()))
     pf, pf_tta = predict_proba(learn.model, x), predict_proba(learn.model, x, tta=True)
     say(f'Keras {keras_arch}: training for {budget_s:.0f} s ...')
@@ -146,6 +147,7 @@ def _keras_md(r: dict) -> str:
         f"| ONNX Runtime | {r['onnx_latency_ms_p50']:.2f} | {r['onnx_latency_ms_p99']:.2f} |", '',
         'The two `cnn_small` networks are not the same: fastai\'s is the ResNet-9-style network of `biovis.models` (residual '
         'blocks, max + mean pooling), the Keras one a plain VGG-style stack (`keras_cnn_small`); with the same seconds each runs '
-        'as many epochs as its cost per image allows. Keras keeps its best validation epoch, fastai its last unless the best beats it on validation by more than chance (`SelectEpoch`); neither is trained on the validation split.', '',
+        'as many epochs as its cost per image allows. ' + (f"Keras keeps its best validation epoch; fastai its last unless the best beats it by more than chance (`SelectEpoch`: {r['fastai_epoch_kept_why']})"
+        if r.get('fastai_epoch_kept_why') else 'Both keep their best validation epoch') + '; neither is trained on the validation split.', '',
         f"ONNX Runtime is {r['onnx_speedup_vs_torch']:.2f}x the speed of PyTorch for one image; the largest difference in a "
         f"probability over 256 test images is {r['onnx_vs_torch_max_prob_diff']:.1e}.", ''])
