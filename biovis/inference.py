@@ -18,7 +18,7 @@ from .errors import InvalidImageError, RegistryError
 from .policy import policy_from_dict
 from .conformal import prediction_set, threshold_for, is_referred
 from .ood import OODScorer
-from .models import create_model, predict_proba
+from .models import Ensemble, create_model, predict_proba
 from .registry import ModelRegistry
 from .kinds import BaseKind, register_kind
 from fastcore.basics import patch
@@ -82,7 +82,7 @@ class Predictor(BaseKind):
     def load_model(cls, registry: ModelRegistry, name: str, ref: str = 'production', device='cpu') -> tuple:
         "Rebuild a registered PyTorch classifier from its `arch` and checked weights: (model, metadata)."
         state, meta = registry.load_state_dict(name, ref)
-        model = create_model(meta['arch'], len(meta['classes']), meta['channels'], pretrained=False)
+        model = create_model(meta['arch'], len(meta['classes']), meta['channels'], pretrained=False, members=int(meta.get('members') or 1))
         try: model.load_state_dict(state)
         except Exception as e: raise RegistryError(f'{name} {meta["version"]}: cannot load weights: {e}') from None
         return model.to(device).eval(), meta
@@ -174,11 +174,17 @@ def _last_conv(model: torch.nn.Module) -> torch.nn.Module:
     if not convs: raise ValueError('model has no convolution to explain')
     return convs[-1]
 
+def _cam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    cam = torch.relu((g.mean((1, 2), keepdim=True) * a).sum(0))
+    return cam / cam.max() if cam.max() > 0 else cam
+
 def gradcam(model: torch.nn.Module, x: torch.Tensor, target: int | None = None):
-    "Grad-CAM of `model` for one input `x` (1 x C x H x W float); returns (H' x W' heat map in [0, 1], class index)."
-    layer, store = _last_conv(model), {}
-    h1 = layer.register_forward_hook(lambda m, i, o: store.__setitem__('a', o))
-    h2 = layer.register_full_backward_hook(lambda m, gi, go: store.__setitem__('g', go[0]))
+    "Grad-CAM of `model` for one input `x` (1 x C x H x W float); returns (H' x W' heat map in [0, 1], class index). Of an `Ensemble`: the mean of its members' maps, each at its own last convolution."
+    layers = [_last_conv(m) for m in model.members] if isinstance(model, Ensemble) else [_last_conv(model)]
+    store, hooks = [{} for _ in layers], []
+    for layer, s in zip(layers, store):
+        hooks.append(layer.register_forward_hook(lambda m, i, o, s=s: s.__setitem__('a', o)))
+        hooks.append(layer.register_full_backward_hook(lambda m, gi, go, s=s: s.__setitem__('g', go[0])))
     was = model.training; model.eval()
     try:
         with torch.enable_grad():
@@ -186,12 +192,12 @@ def gradcam(model: torch.nn.Module, x: torch.Tensor, target: int | None = None):
             out = model(x)
             target = int(out.argmax(1)) if target is None else int(target)
             model.zero_grad(set_to_none=True); out[0, target].backward()
-        a, g = store['a'].detach()[0], store['g'].detach()[0]
-        cam = torch.relu((g.mean((1, 2), keepdim=True) * a).sum(0))
+        cam = torch.stack([_cam(s['a'].detach()[0], s['g'].detach()[0]) for s in store]).mean(0)
         cam = cam / cam.max() if cam.max() > 0 else cam
         return cam.cpu().numpy(), target
     finally:
-        h1.remove(); h2.remove(); model.train(was); model.zero_grad(set_to_none=True)
+        for h in hooks: h.remove()
+        model.train(was); model.zero_grad(set_to_none=True)
 
 # %% ../nbs/06_inference.ipynb #bd751084
 _TURBO = np.array([(48, 18, 59), (64, 64, 162), (70, 107, 227), (66, 148, 255), (40, 188, 235), (24, 221, 194),

@@ -5,6 +5,7 @@ small inputs, and EfficientNet-Lite0 with ImageNet weights that install offline.
 
 # %% ../nbs/02_models.ipynb #0c0c1bd6
 from __future__ import annotations
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,8 +15,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'ARCHS', 'DIHEDRAL', 'Normalize', 'SmallCNN', 'resnet18_small', 'load_lite0_imagenet',
-           'efficientnet_lite0', 'ArchSpec', 'create_model', 'set_normalization', 'array_views', 'predict_logits',
-           'predict_proba', 'temper']
+           'efficientnet_lite0', 'ArchSpec', 'create_model', 'Ensemble', 'set_normalization', 'array_views',
+           'predict_logits', 'predict_proba', 'temper']
 
 # %% ../nbs/02_models.ipynb #aff3287b
 class Normalize(nn.Module):
@@ -107,12 +108,24 @@ ARCHS = {
     'efficientnet_lite0': ArchSpec(efficientnet_lite0, 128, pretrained=True, doc='EfficientNet-Lite0, ImageNet weights'),
 }
 
-def create_model(arch: str, n_classes: int, in_channels: int = 3, pretrained: bool = True) -> nn.Module:
-    "Build architecture `arch` for `n_classes` classes and `in_channels` channels."
+def create_model(arch: str, n_classes: int, in_channels: int = 3, pretrained: bool = True, members: int = 1) -> nn.Module:
+    "Build architecture `arch` for `n_classes` classes and `in_channels` channels; `members` > 1: an `Ensemble` of that many."
     if arch not in ARCHS: raise ValueError(f'unknown architecture {arch!r}; choose one of {sorted(ARCHS)}')
+    if int(members) > 1: return Ensemble([create_model(arch, n_classes, in_channels, pretrained) for _ in range(int(members))])
     spec = ARCHS[arch]
     if spec.pretrained: return spec.fn(n_classes, in_channels=in_channels, pretrained=pretrained)
     return spec.fn(n_classes, in_channels=in_channels)
+
+# %% ../nbs/02_models.ipynb #5667bef3
+class Ensemble(nn.Module):
+    "Models of one architecture trained apart (other seeds), as one: its output is the log of the members' mean probabilities, so its softmax is their average and a temperature divides it as it would logits."
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        if len(self.members) < 2: raise ValueError('an ensemble needs at least two members')
+    def forward(self, x):
+        lp = torch.stack([F.log_softmax(m(x).float(), 1) for m in self.members])
+        return torch.logsumexp(lp, 0) - math.log(len(self.members))
 
 # %% ../nbs/02_models.ipynb #34b4d0f0
 def set_normalization(model: nn.Module, mean, std) -> nn.Module:

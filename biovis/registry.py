@@ -265,7 +265,7 @@ def model_card(meta: dict) -> str:
     m, ds, tr, cal = meta.get('metrics', {}), meta.get('dataset', {}), meta.get('training', {}), meta.get('calibration') or {}
     lines = [f"# Model card: {meta.get('name')} {meta.get('version')}", '',
              f"- **Task**: {meta.get('task', 'classification')} of {len(meta['classes'])} classes: {', '.join(meta['classes'])}",
-             f"- **Architecture**: `{meta['arch']}` ({meta.get('backend', 'fastai')}), input {meta['input_size']} px, {meta['channels']} channel(s)",
+             f"- **Architecture**: `{meta['arch']}`{' x ' + str(meta['members']) + ' (an ensemble: their probabilities averaged)' if (meta.get('members') or 1) > 1 else ''} ({meta.get('backend', 'fastai')}), input {meta['input_size']} px, {meta['channels']} channel(s)",
              f"- **Created**: {meta.get('created')} from commit `{meta.get('git_commit')}`, biovis {meta.get('biovis_version')}",
              f"- **Training data**: `{ds.get('name')}` version `{ds.get('version', '')[:16]}`, splits {ds.get('train_splits')}, "
              f"{ds.get('n_train')} training / {ds.get('n_valid')} validation images",

@@ -25,7 +25,7 @@ from fastcore.basics import chunked
 from .core import set_seed, get_device, get_logger
 from .data import ImageDataset, load_dataset
 from .policy import DataPolicy, policy_for, resolve_policy
-from .models import ARCHS, create_model, set_normalization, predict_logits, predict_proba, temper
+from .models import ARCHS, Ensemble, create_model, set_normalization, predict_logits, predict_proba, temper
 from .conformal import CONFORMAL_LEVELS, METHOD, calibrate_conformal
 
 # %% auto #0
@@ -223,45 +223,35 @@ def class_weights(y: np.ndarray, classes, balance: bool | None = None, imbalance
                + ', '.join(f'{n}: {int(k)} images x {wt:.2f}' for n, k, wt in zip(classes, counts, w)))
 
 
-# %% ../nbs/03_train.ipynb #b38f115d
-def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float = 4e-3, bs: int = 128,
-          size: int | None = None, seed: int = 42, pretrained: bool = True, wd: float = 5e-4,
-          label_smoothing: float = 0.1, augment: bool = True, patience: int | None = None,
-          train_splits=('train',), checkpoint_dir=None, device=None, progress: bool = True,
-          deterministic: bool = True, cbs: list | None = None, calibrate_on: str | None = 'valid',
-          policy: DataPolicy | str | None = None, balance: bool | None = None) -> Learner:
-    """Train `arch` on `ds` with fastai (extra fastai callbacks in `cbs`); returns the `Learner` with the last epoch, or the best validation epoch where it is better by more than chance (`SelectEpoch`),
-    and its temperature and prediction sets calibrated on `calibrate_on`. `policy` (a `DataPolicy` or a modality name; default: the data set's own) sets the augmentation.
-    `balance`: weigh the classes equally in the loss (None: when the training classes are imbalanced, `class_weights`)."""
+# %% ../nbs/03_train.ipynb #4faed50b
+def _kept(learn, select) -> dict:
+    "A fit's best validation accuracy and the epoch it kept, with why."
+    vals = learn.recorder.values
+    return dict(best_valid_accuracy=float(max(v[2] for v in vals)) if vals else None,
+                epoch_kept=select.choice['epoch'] if select and select.choice else (len(vals) - 1 if vals else None),
+                epoch_kept_why=select.choice['why'] if select and select.choice else 'the last epoch (validation split trained on)')
+
+def _fit_one(ds, dls, arch, epochs, lr, size, pretrained, wd, label_smoothing, augment, patience, train_splits, checkpoint_dir,
+             device, progress, policy, weights, extra_cbs, member: str = '') -> tuple:
+    "One model of `train`, fitted: (its `Learner`, its `SelectEpoch` or None, seconds)."
     log = get_logger('train')
-    if arch not in ARCHS: raise ValueError(f'unknown architecture {arch!r}; choose one of {sorted(ARCHS)}')
-    set_seed(seed, deterministic)
-    size = size or ds.native_size or ARCHS[arch].size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    channels = ds.channels
-    device = device or get_device()
-    dls = make_dls(ds, size, channels, bs, device, train_splits)
-    model = create_model(arch, len(ds.classes), channels, pretrained=pretrained)
+    model = create_model(arch, len(ds.classes), ds.channels, pretrained=pretrained)
     if not ARCHS[arch].pretrained:
         x = dls.train.dataset.x.float() / 255
         set_normalization(model, x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).clamp_min(1e-3).tolist())
     model = model.to(memory_format=torch.channels_last)
     path = Path(checkpoint_dir) if checkpoint_dir else Path(__import__('tempfile').mkdtemp(prefix='biovis-ckpt-'))   # removed after fitting
-    extra_cbs = cbs
     selecting = 'valid' not in train_splits   # with the validation split trained on, keep the last epoch
     select = SelectEpoch() if selecting else None
     cbs = [select] if selecting else []
-    policy = resolve_policy(ds, policy)
     if augment: cbs.append(PolicyAug(policy))
     if patience and selecting: cbs.append(EarlyStoppingCallback(monitor='accuracy', patience=patience))
-    cbs += list(extra_cbs or [])       # e.g. experiment tracking (W&B)
-    weights, balance_why = class_weights(dls.train.dataset.y.numpy(), ds.classes, balance)
-    if balance_why: log.info('class weights: %s', balance_why)
+    cbs += list(extra_cbs or [])       # e.g. experiment tracking (W&B), a time budget
     loss = LabelSmoothingCrossEntropyFlat(eps=label_smoothing, weight=None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device))
     learn = Learner(dls, model, loss_func=loss, opt_func=Adam,
                     metrics=[accuracy], wd=wd, path=path, model_dir='.', cbs=cbs)
-    log.info('training %s on %s: %d train / %d valid images at %dx%d, %d epochs on %s',
-             arch, ds.name, len(dls.train.dataset), len(dls.valid.dataset), *size, epochs, device)
+    log.info('training %s on %s%s: %d train / %d valid images at %dx%d, %d epochs on %s',
+             arch, ds.name, member, len(dls.train.dataset), len(dls.valid.dataset), *size, epochs, device)
     log.info('augmentation and test-time views: %s%s', policy.describe(), '' if augment else ' (augmentation off: test-time views only)')
     t0 = time.perf_counter()
     try:
@@ -270,10 +260,44 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
             with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
     finally:    # the kept epoch's weights are in the model by now (SelectEpoch); the checkpoint file is not needed
         if not checkpoint_dir: shutil.rmtree(path, ignore_errors=True)
-    secs = time.perf_counter() - t0
+    if select and select.choice: log.info('epoch kept%s: %s', member, select.choice['why'])
+    return learn, select, time.perf_counter() - t0
+
+
+# %% ../nbs/03_train.ipynb #b38f115d
+def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float = 4e-3, bs: int = 128,
+          size: int | None = None, seed: int = 42, pretrained: bool = True, wd: float = 5e-4,
+          label_smoothing: float = 0.1, augment: bool = True, patience: int | None = None,
+          train_splits=('train',), checkpoint_dir=None, device=None, progress: bool = True,
+          deterministic: bool = True, cbs: list | None = None, calibrate_on: str | None = 'valid',
+          policy: DataPolicy | str | None = None, balance: bool | None = None, members: int = 1) -> Learner:
+    """Train `arch` on `ds` with fastai (extra fastai callbacks in `cbs`); returns the `Learner` with the last epoch, or the best validation epoch where it is better by more than chance (`SelectEpoch`),
+    and its temperature and prediction sets calibrated on `calibrate_on`. `policy` (a `DataPolicy` or a modality name; default: the data set's own) sets the augmentation.
+    `balance`: weigh the classes equally in the loss (None: when the training classes are imbalanced, `class_weights`).
+    `members` > 1: that many models of `epochs` each, from seeds `seed`, `seed + 1`, ..., one after the other (each fit sees `cbs`), averaged as an `Ensemble`, which is calibrated."""
+    log = get_logger('train')
+    if arch not in ARCHS: raise ValueError(f'unknown architecture {arch!r}; choose one of {sorted(ARCHS)}')
+    if int(members) < 1: raise ValueError(f'members must be at least 1, not {members}')
+    size = size or ds.native_size or ARCHS[arch].size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    channels = ds.channels
+    device = device or get_device()
+    set_seed(seed, deterministic)
+    dls = make_dls(ds, size, channels, bs, device, train_splits)
+    policy = resolve_policy(ds, policy)
+    weights, balance_why = class_weights(dls.train.dataset.y.numpy(), ds.classes, balance)
+    if balance_why: log.info('class weights: %s', balance_why)
+    fits = []
+    for i in range(int(members)):
+        if i: set_seed(seed + i, deterministic)
+        fits.append(_fit_one(ds, dls, arch, epochs, lr, size, pretrained, wd, label_smoothing, augment, patience, train_splits,
+                             checkpoint_dir, device, progress, policy, weights, cbs, member=f' (member {i + 1} of {members}, seed {seed + i})' if members > 1 else ''))
+    learn, select, secs = fits[-1]
+    if members > 1:     # the last member's Learner, holding them all
+        learn.model = Ensemble([f[0].model for f in fits]).to(memory_format=torch.channels_last)
+        secs = sum(f[2] for f in fits)
     best = learn.recorder.values
     cal = calibrate(lambda x: predict_logits(learn.model, x), ds, calibrate_on, train_splits, size, channels)
-    if select and select.choice: log.info('epoch kept: %s', select.choice['why'])
     log.info('calibration: temperature %.4f (%s)', cal['temperature'], cal.get('note') or f"NLL on {calibrate_on} {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}")
     conf = calibrate_sets(lambda x, tta: predict_proba(learn.model, x, tta=tta, temperature=cal['temperature'], views=policy.tta_views),
                           ds, calibrate_on, train_splits, size, channels)
@@ -286,8 +310,17 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
                                       label_smoothing=label_smoothing, augment=augment, class_weights=None if weights is None else [round(float(w), 4) for w in weights],
                                       class_weights_why=balance_why, pretrained=pretrained and ARCHS[arch].pretrained,
                                       seconds=round(secs, 2), device=str(device),
-                                      best_valid_accuracy=float(max(v[2] for v in best)) if best else None,
-                                      epoch_kept=select.choice['epoch'] if select and select.choice else (len(best) - 1 if best else None),
-                                      epoch_kept_why=select.choice['why'] if select and select.choice else 'the last epoch (validation split trained on)'),
+                                      **_kept(learn, select)),
                         calibration=cal, conformal=conf, policy=policy.to_dict())
+    if members > 1:
+        ens = dict(members=int(members), seeds=[seed + i for i in range(members)], member_epochs=epochs, seconds=round(secs, 2),
+                   members_fit=[dict(seed=seed + i, seconds=round(f[2], 2), epochs_run=len(f[0].recorder.values), **_kept(*f[:2])) for i, f in enumerate(fits)])
+        if 'valid' not in train_splits:   # the ensemble's own accuracy on validation (each member's best is in members_fit)
+            xv, yv = ds.tensors('valid', size, channels)
+            ens['valid_accuracy'] = float((predict_logits(learn.model, xv).argmax(1) == yv).mean())
+        learn.biovis['members'] = int(members)
+        learn.biovis['training'].update(ensemble=ens, best_valid_accuracy=ens.get('valid_accuracy', learn.biovis['training']['best_valid_accuracy']),
+                                        epoch_kept_why=f'{members} members, each its own: ' + '; '.join(
+                                            f"seed {m['seed']}: {m['epoch_kept_why']}" for m in ens['members_fit']))
+        log.info('ensemble of %d: %s', members, f"validation accuracy {ens['valid_accuracy']:.4f}" if 'valid_accuracy' in ens else 'validation trained on')
     return learn

@@ -25,9 +25,9 @@ from .inference import Predictor
 from .conformal import describe_set
 
 # %% auto #0
-__all__ = ['SMALL_SIDE', 'MAX_BUDGET_EPOCHS', 'FIRST_EPOCH_WEIGHT', 'VALID_GAP', 'image_sizes', 'choose_model',
-           'epochs_for_budget', 'measure_epoch', 'budget_plan', 'BudgetStop', 'validation_gap', 'train_and_register',
-           'recalibrate_version', 'write_report', 'quickstart']
+__all__ = ['SMALL_SIDE', 'MAX_BUDGET_EPOCHS', 'FIRST_EPOCH_WEIGHT', 'MEMBER_EPOCHS', 'MAX_MEMBERS', 'VALID_GAP', 'image_sizes',
+           'choose_model', 'epochs_for_budget', 'measure_epoch', 'budget_plan', 'BudgetStop', 'ensemble_plan',
+           'validation_gap', 'train_and_register', 'recalibrate_version', 'write_report', 'quickstart']
 
 # %% ../nbs/07_workflow.ipynb #f500b05b
 SMALL_SIDE = 64              # images of one size under this side (px) get the small CNN at their own size
@@ -137,7 +137,7 @@ def budget_plan(ds: ImageDataset, arch: str, size, budget_s: float, max_epochs: 
     if fit < 1: why += ': at least one, though it takes longer than the budget'
     elif max_epochs and fit > max_epochs: why += f' (--epochs {max_epochs} is the upper bound; {fit} would fit)'
     elif not max_epochs and fit > MAX_BUDGET_EPOCHS: why += f' (at most {MAX_BUDGET_EPOCHS}; {fit} would fit)'
-    return dict(epochs=epochs, budget_s=budget_s, fit_s=max(left, 0.0), epoch_s=m['epoch_s'], probe_s=m['probe_s'], why=why)
+    return dict(epochs=epochs, fit=max(fit, 1), budget_s=budget_s, fit_s=max(left, 0.0), epoch_s=m['epoch_s'], probe_s=m['probe_s'], why=why)
 
 FIRST_EPOCH_WEIGHT = 0.8     # the first epoch's time, as a guess of the next: it includes warm-up (allocation, first validation)
 
@@ -166,6 +166,23 @@ class BudgetStop(Callback):
         if done >= self.learn.n_epoch and done < self.planned: raise CancelFitException()
 
 
+# %% ../nbs/07_workflow.ipynb #5d56721b
+MEMBER_EPOCHS, MAX_MEMBERS = 25, 5      # a budget that fits n x MEMBER_EPOCHS epochs trains n models (at most MAX_MEMBERS), averaged
+
+def ensemble_plan(plan: dict, max_epochs: int | None = None, members: int | None = None,
+                  member_epochs: int = MEMBER_EPOCHS, max_members: int = MAX_MEMBERS) -> dict:
+    """How a `budget_plan` is spent: `members` models (given, else one per `member_epochs` epochs that fit, 1 to `max_members`), each
+    with an equal share of its seconds (`fit_s`) and the epochs of that share (`max_epochs`: at most that many epochs in all). A one-line `why`."""
+    total = min(plan['fit'], max_epochs) if max_epochs else plan['fit']
+    k = int(members) if members else max(1, min(max_members, total // member_epochs))
+    if k < 1: raise ValueError(f'members must be at least 1, not {members}')
+    share = plan['fit_s'] / k
+    each = epochs_for_budget(share, plan['epoch_s'], min(max(1, total // k), MAX_BUDGET_EPOCHS))
+    why = ('one model' if k == 1 else
+           f"{k} models of {each} epochs each, from seeds one apart, their probabilities averaged (an ensemble: "
+           + ('asked' if members else f"one per {member_epochs} epochs that fit, at most {max_members}") + ')')
+    return dict(members=k, epochs=each, member_s=share, why=why)
+
 # %% ../nbs/07_workflow.ipynb #5cef1e70
 VALID_GAP = 0.05     # validation accuracy this far above the held-out test split's is not believed
 
@@ -191,15 +208,17 @@ def train_and_register(ds: ImageDataset, name: str | None = None, arch: str | No
     name = name or ds.name.replace('_sample', '')
     choice = choose_model(ds, arch, train_kw.pop('size', None), pretrained=train_kw.get('pretrained', True))
     say(choice['why'])
-    plan = None
+    plan, members = None, train_kw.pop('members', None)
     if budget_s:
         plan = budget_plan(ds, choice['arch'], choice['size'], budget_s, epochs, bs=train_kw.get('bs', 128),
                            policy=train_kw.get('policy'), train_splits=train_kw.get('train_splits', ('train',)))
-        say(plan['why'])
-        stop = BudgetStop(plan['fit_s'])
+        ens = ensemble_plan(plan, epochs, members)
+        say(plan['why'] + ('' if ens['members'] == 1 else f": {ens['why']}"))
+        stop = BudgetStop(ens['member_s'])      # each member inside its share
         train_kw['cbs'] = [*(train_kw.get('cbs') or []), stop]
-    epochs = plan['epochs'] if plan else (epochs or 10)
-    learn = train(ds, arch=choice['arch'], size=choice['size'], epochs=epochs, progress=progress, **train_kw)
+        members, plan['why'] = ens['members'], plan['why'] + ('' if ens['members'] == 1 else f": {ens['why']}")
+    epochs = ens['epochs'] if plan else (epochs or 10)
+    learn = train(ds, arch=choice['arch'], size=choice['size'], epochs=epochs, progress=progress, members=members or 1, **train_kw)
     learn.biovis['model_choice'] = choice
     if plan: learn.biovis['training'].update(budget_s=budget_s, epochs_chosen=epochs, epoch_seconds_measured=round(plan['epoch_s'], 3),
                                              probe_seconds=round(plan['probe_s'], 2), budget_stopped=stop.stopped, epochs_fit=stop.epochs_fit, budget_why=plan['why'])

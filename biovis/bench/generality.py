@@ -80,7 +80,7 @@ def train_with_defaults(ds: ImageDataset, budget_s: float, registry: ModelRegist
                 classes=list(ds.classes), modality=policy.modality, modality_source=policy.source, augmentation=policy.describe(),
                 arch=meta['arch'], size=list(meta['input_size']), pretrained=bool(tr.get('pretrained')),
                 model_choice=meta.get('model_choice', {}).get('why'), budget_why=tr.get('budget_why'),
-                budget_stopped=bool(tr.get('budget_stopped')), epochs_fit=tr.get('epochs_fit'), class_weights=tr.get('class_weights_why') or None,
+                members=int(meta.get('members') or 1), budget_stopped=bool(tr.get('budget_stopped')), epochs_fit=tr.get('epochs_fit'), class_weights=tr.get('class_weights_why') or None,
                 epoch_kept=tr.get('epoch_kept'), epoch_kept_why=tr.get('epoch_kept_why'),
                 temperature=(meta.get('calibration') or {}).get('temperature'), warnings=list(meta.get('warnings', [])),
                 best_valid_accuracy=tr.get('best_valid_accuracy'))
@@ -92,7 +92,7 @@ def _markdown(r: dict) -> str:
         pub = PUBLISHED.get(name, {})
         rn, best = pub.get('resnet18_28', {}), pub.get('best', {})
         rows.append(dict(set=name, accuracy=s['test_accuracy'], auc=s['test_auc'], train_s=s['train_seconds'], epochs=s['epochs'],
-                         network=f"{s['arch']} @ {s['size'][0]}x{s['size'][1]}", modality=f"{s['modality']} ({s['modality_source']})",
+                         network=f"{s['arch']} @ {s['size'][0]}x{s['size'][1]}" + (f" x {s['members']}" if s.get('members', 1) > 1 else ''), modality=f"{s['modality']} ({s['modality_source']})",
                          resnet18_28=f"{rn['accuracy']:.3f} / {rn['auc']:.3f}" if rn else '',
                          best_published=f"{best['accuracy']:.3f} / {best['auc']:.3f} ({best['method']})" if best else ''))
     cols = ['set', 'accuracy', 'auc', 'train_s', 'epochs', 'network', 'modality', 'resnet18_28', 'best_published']
@@ -106,7 +106,7 @@ def _markdown(r: dict) -> str:
     for name, s in r['sets'].items():
         lines += [f'## {name}', '', f"- {s['n_train']} train / {s['n_valid']} valid / {s['n_test']} test images; classes: {', '.join(s['classes'])}",
                   f"- Augmentation: {s['augmentation']}", f"- Network: {s['model_choice']}", f"- Epochs: {s['budget_why']}"
-                  + (f" (shortened to {s['epochs_fit']} by the budget guard: epochs took longer than the probe measured)" if s.get('budget_stopped') else ''),
+                  + (f" (shortened to {s['epochs_fit']}{' in the last member' if s.get('members', 1) > 1 else ''} by the budget guard: epochs took longer than the probe measured)" if s.get('budget_stopped') else ''),
                   *([f"- Class weights: {s['class_weights']}"] if s.get('class_weights') else []),
                   *([f"- Epoch kept: {s['epoch_kept_why']}"] if s.get('epoch_kept_why') else []),
                   *[f'- Warning: {w}' for w in s['warnings']], '']

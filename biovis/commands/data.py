@@ -72,7 +72,7 @@ def cmd_train_classifier(a):
     learn, ev, v = train_and_register(ds, name=a.name, arch=a.arch, epochs=a.epochs, tta=not a.no_tta,
                                       promote='always' if a.promote else 'if-better', registry=registry_of(a), seed=a.seed,
                                       lr=a.lr, bs=a.bs, size=a.size, patience=a.patience, progress=not a.quiet, policy=a.modality,
-                                      budget_s=getattr(a, 'budget', None), say=print)
+                                      budget_s=getattr(a, 'budget', None), members=getattr(a, 'members', None), say=print)
     name = a.name or ds.name.replace('_sample', '')
     print(f'{name} {v}: test accuracy {ev.metrics["accuracy"]:.4f}, AUC {ev.metrics["auc"]:.4f}, macro F1 {ev.metrics["macro_f1"]:.4f}')
     print(f'aliases: {json.dumps({k: x for k, x in registry_of(a).aliases(name).items() if k != "history"})}')
@@ -156,6 +156,9 @@ def add_commands(sub):
     t.add_argument('-q', '--quiet', action='store_true', help='no progress bars')
     t.add_argument('--pos-weight', default=None, choices=['balanced'], help='multi-label data: weigh each finding\'s positives by its '
                    'negatives / positives in the training split (capped at 10); default: none')
+    t.add_argument('--members', type=int, default=None,
+                   help=('a classifier: train this many models from seeds one apart and average them (an ensemble); default: with --budget, '
+                         'one per 25 epochs that fit, at most 5; else one'))
     t.add_argument('--budget', type=float, default=None,
                    help=('training time in seconds: a classifier measures an epoch and trains as many as fit (--epochs: at most); '
                          'segmentation and Keras stop after this many seconds'))
