@@ -82,8 +82,9 @@ class Predictor(BaseKind):
     def load_model(cls, registry: ModelRegistry, name: str, ref: str = 'production', device='cpu') -> tuple:
         "Rebuild a registered PyTorch classifier from its `arch` and checked weights: (model, metadata)."
         state, meta = registry.load_state_dict(name, ref)
-        model = create_model(meta['arch'], len(meta['classes']), meta['channels'], pretrained=False, members=int(meta.get('members') or 1))
-        try: model.load_state_dict(state)
+        try:
+            model = create_model(meta['arch'], len(meta['classes']), meta['channels'], pretrained=False, members=int(meta.get('members') or 1))
+            model.load_state_dict(state)
         except Exception as e: raise RegistryError(f'{name} {meta["version"]}: cannot load weights: {e}') from None
         return model.to(device).eval(), meta
 

@@ -174,7 +174,7 @@ def ensemble_plan(plan: dict, max_epochs: int | None = None, members: int | None
     """How a `budget_plan` is spent: `members` models (given, else one per `member_epochs` epochs that fit, 1 to `max_members`), each
     with an equal share of its seconds (`fit_s`) and the epochs of that share (`max_epochs`: at most that many epochs in all). A one-line `why`."""
     total = min(plan['fit'], max_epochs) if max_epochs else plan['fit']
-    k = int(members) if members else max(1, min(max_members, total // member_epochs))
+    k = int(members) if members is not None else max(1, min(max_members, total // member_epochs))
     if k < 1: raise ValueError(f'members must be at least 1, not {members}')
     share = plan['fit_s'] / k
     each = epochs_for_budget(share, plan['epoch_s'], min(max(1, total // k), MAX_BUDGET_EPOCHS))
@@ -218,7 +218,7 @@ def train_and_register(ds: ImageDataset, name: str | None = None, arch: str | No
         train_kw['cbs'] = [*(train_kw.get('cbs') or []), stop]
         members, plan['why'] = ens['members'], plan['why'] + ('' if ens['members'] == 1 else f": {ens['why']}")
     epochs = ens['epochs'] if plan else (epochs or 10)
-    learn = train(ds, arch=choice['arch'], size=choice['size'], epochs=epochs, progress=progress, members=members or 1, **train_kw)
+    learn = train(ds, arch=choice['arch'], size=choice['size'], epochs=epochs, progress=progress, members=1 if members is None else members, **train_kw)
     learn.biovis['model_choice'] = choice
     if plan: learn.biovis['training'].update(budget_s=budget_s, epochs_chosen=epochs, epoch_seconds_measured=round(plan['epoch_s'], 3),
                                              probe_seconds=round(plan['probe_s'], 2), budget_stopped=stop.stopped, epochs_fit=stop.epochs_fit, budget_why=plan['why'])

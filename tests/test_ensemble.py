@@ -55,7 +55,26 @@ def test_an_ensemble_trains_registers_serves_explains_and_exports(tmp_path, samp
     heat, img, pred = p.explain(x[0])
     assert heat.shape == img.shape[:2] and 0 <= heat.min() and 0.5 < heat.max() <= 1           # the members' mean map, resized
     assert pred.label in meta['classes']
-    if meta.get('drift'): assert p.features(x[:4])[1].shape[0] == 4    # the drift reference's embedding: the last member's
+    assert meta['drift']['file']                                        # a drift reference, on the last member's embedding
+    pf, emb = p.features(x[:4])
+    np.testing.assert_allclose(pf, probs[:4], atol=1e-5)
+    assert emb.shape[0] == 4 and emb.shape[1] > 0 and p.ood_p_values(emb) is not None
     r = run_cli('models', 'export', 'ens', '--onnx', '--out', tmp_path/'ens.onnx', '--models-dir', tmp_path/'models', home=tmp_path, check=0)
     po = Predictor.from_registry('ens-onnx', registry=reg)
     np.testing.assert_allclose(po.predict_proba(list(x)), probs, atol=1e-4)
+    import json
+    from biovis.errors import RegistryError
+    f = reg.path('ens', 'v1')/'metadata.json'
+    for bad in (3, 'three', 1):             # metadata that does not match the weights: a registry error, never a half-built model
+        f.write_text(json.dumps(dict(meta, members=bad)))
+        with pytest.raises(RegistryError, match='cannot load weights'): Predictor.load_model(reg, 'ens', 'v1')
+
+
+def test_a_member_count_under_one_is_refused(tmp_path):
+    "`--members 0` or a negative count: a clear error, the bad-input exit status, and nothing registered (0 does not mean 'choose')."
+    from biovis.registry import ModelRegistry
+    from biovis.cli import EXIT_BAD_INPUT
+    for n, extra in (('0', ()), ('-2', ('--budget', '30'))):
+        r = run_cli('train', '--data', 'sample', '--name', 'bad', '--members', n, '--epochs', '1', '--no-tta', '-q', *extra, home=tmp_path, timeout=600)
+        assert r.returncode == EXIT_BAD_INPUT and f'members must be at least 1, not {n}' in r.stderr, (r.returncode, r.stderr[-2000:])
+    assert not (tmp_path/'models').exists() or ModelRegistry(tmp_path/'models').names() == []

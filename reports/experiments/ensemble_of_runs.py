@@ -8,15 +8,16 @@ The probabilities are those `epoch_curves.py --save-probs` wrote for the model `
 """
 import sys
 import numpy as np
-from sklearn.metrics import roc_auc_score
 from biovis.data import from_npz
+from biovis.evaluate import classification_metrics
 
 data = sys.argv[sys.argv.index('--data') + 1] if '--data' in sys.argv else '../shared/data'
 files = [a for a in sys.argv[1:] if a.endswith('.npy')]
-_, y = from_npz(f'{data}/pneumoniamnist/pneumoniamnist.npz').tensors('test')
+ds = from_npz(f'{data}/pneumoniamnist/pneumoniamnist.npz')
+_, y = ds.tensors('test')
 P = [np.load(f) for f in files]
-auc = lambda p: roc_auc_score(y, p[:, 1]) if p.shape[1] == 2 else roc_auc_score(y, p, multi_class='ovr')
-for f, p in zip(files, P): print(f'{f}: accuracy {(p.argmax(1) == y).mean():.4f}, AUC {auc(p):.4f}')
+m = lambda p: classification_metrics(y, p, ds.classes)       # the library's accuracy and macro one-vs-rest AUC
+for f, p in zip(files, P): print(f"{f}: accuracy {m(p)['accuracy']:.4f}, AUC {m(p)['auc']:.4f}")
 for k in range(2, len(P) + 1):
     p = np.mean(P[:k], 0)
-    print(f'mean of the first {k}: accuracy {(p.argmax(1) == y).mean():.4f}, AUC {auc(p):.4f}')
+    print(f"mean of the first {k}: accuracy {m(p)['accuracy']:.4f}, AUC {m(p)['auc']:.4f}")
