@@ -29,9 +29,10 @@ from .models import ARCHS, Ensemble, create_model, set_normalization, predict_lo
 from .conformal import CONFORMAL_LEVELS, METHOD, calibrate_conformal
 
 # %% auto #0
-__all__ = ['SATURATED_ACCURACY', 'SATURATED_NLL', 'IMBALANCE', 'ArrayDataset', 'ArrayDL', 'make_dls', 'random_affine',
-           'color_jitter', 'policy_augment', 'PolicyAug', 'prefer_best', 'SelectEpoch', 'nll', 'fit_temperature',
-           'saturated', 'calibrate', 'calibrate_sets', 'class_weights', 'train']
+__all__ = ['PRECISIONS', 'SATURATED_ACCURACY', 'SATURATED_NLL', 'IMBALANCE', 'ArrayDataset', 'ArrayDL', 'make_dls',
+           'random_affine', 'color_jitter', 'policy_augment', 'PolicyAug', 'bf16_native', 'resolve_precision',
+           'CPUAutocast', 'precision_callbacks', 'prefer_best', 'SelectEpoch', 'nll', 'fit_temperature', 'saturated',
+           'calibrate', 'calibrate_sets', 'class_weights', 'train']
 
 # %% ../nbs/03_train.ipynb #67c3bd46
 class ArrayDataset:
@@ -111,6 +112,44 @@ class PolicyAug(Callback):
     def before_batch(self):
         if not self.training: return
         self.learn.xb = (policy_augment(self.xb[0], self.policy),)
+
+# %% ../nbs/03_train.ipynb #fe815663
+def bf16_native(device=None) -> bool:
+    "Whether bfloat16 is native on `device`: a CPU whose oneDNN has bfloat16 instructions (AVX-512 BF16, AMX), or a CUDA GPU that supports it."
+    dev = torch.device(device or get_device())
+    if dev.type == 'cpu': return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dev.type == 'cuda' and torch.cuda.is_bf16_supported()
+
+PRECISIONS = ('auto', 'bf16', 'fp32')
+
+def resolve_precision(precision: str | None = 'auto', device=None) -> str:
+    "'bf16' or 'fp32' for training on `device`: as asked, or for 'auto' (None): bfloat16 on a CPU where it is native (`bf16_native`), else float32."
+    precision = precision or 'auto'
+    if precision not in PRECISIONS: raise ValueError(f'precision must be one of {PRECISIONS}, not {precision!r}')
+    if precision != 'auto': return precision
+    dev = torch.device(device or get_device())
+    return 'bf16' if dev.type == 'cpu' and bf16_native(dev) else 'fp32'
+
+class CPUAutocast(Callback):
+    "bfloat16 autocast of each training batch's forward pass and loss on the CPU (fastai's `MixedPrecision` enters CUDA's autocast only); weights, gradients and the optimiser stay float32, validation runs in float32."
+    order = 10
+    def before_batch(self):
+        self.ctx = torch.autocast('cpu', dtype=torch.bfloat16) if self.training else None
+        if self.ctx: self.ctx.__enter__()
+    def after_pred(self):
+        if self.ctx: self.learn.pred = self.pred.float()
+    def _leave(self):
+        if getattr(self, 'ctx', None): self.ctx.__exit__(None, None, None); self.ctx = None
+    def after_loss(self): self._leave()
+    def after_batch(self): self._leave()      # also after a cancelled batch
+    def after_fit(self): self._leave()
+
+def precision_callbacks(precision: str, device) -> list:
+    "The fastai callbacks of a resolved `precision` ('bf16' or 'fp32') on `device`."
+    if precision != 'bf16': return []
+    if torch.device(device).type == 'cpu': return [CPUAutocast()]
+    from fastai.callback.fp16 import MixedPrecision
+    return [MixedPrecision(amp_mode='bf16')]
 
 # %% ../nbs/03_train.ipynb #5e1ec7a1
 def prefer_best(best_right, last_right, alpha: float = 0.05) -> dict:
@@ -232,7 +271,7 @@ def _kept(learn, select) -> dict:
                 epoch_kept_why=select.choice['why'] if select and select.choice else 'the last epoch (validation split trained on)')
 
 def _fit_one(ds, dls, arch, epochs, lr, size, pretrained, wd, label_smoothing, augment, patience, train_splits, checkpoint_dir,
-             device, progress, policy, weights, extra_cbs, member: str = '') -> tuple:
+             device, progress, policy, weights, extra_cbs, member: str = '', precision: str = 'fp32') -> tuple:
     "One model of `train`, fitted: (its `Learner`, its `SelectEpoch` or None, seconds)."
     log = get_logger('train')
     model = create_model(arch, len(ds.classes), ds.channels, pretrained=pretrained)
@@ -246,12 +285,13 @@ def _fit_one(ds, dls, arch, epochs, lr, size, pretrained, wd, label_smoothing, a
     cbs = [select] if selecting else []
     if augment: cbs.append(PolicyAug(policy))
     if patience and selecting: cbs.append(EarlyStoppingCallback(monitor='accuracy', patience=patience))
+    cbs += precision_callbacks(precision, device)
     cbs += list(extra_cbs or [])       # e.g. experiment tracking (W&B), a time budget
     loss = LabelSmoothingCrossEntropyFlat(eps=label_smoothing, weight=None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device))
     learn = Learner(dls, model, loss_func=loss, opt_func=Adam,
                     metrics=[accuracy], wd=wd, path=path, model_dir='.', cbs=cbs)
-    log.info('training %s on %s%s: %d train / %d valid images at %dx%d, %d epochs on %s',
-             arch, ds.name, member, len(dls.train.dataset), len(dls.valid.dataset), *size, epochs, device)
+    log.info('training %s on %s%s: %d train / %d valid images at %dx%d, %d epochs on %s (%s)',
+             arch, ds.name, member, len(dls.train.dataset), len(dls.valid.dataset), *size, epochs, device, precision)
     log.info('augmentation and test-time views: %s%s', policy.describe(), '' if augment else ' (augmentation off: test-time views only)')
     t0 = time.perf_counter()
     try:
@@ -270,11 +310,13 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
           label_smoothing: float = 0.1, augment: bool = True, patience: int | None = None,
           train_splits=('train',), checkpoint_dir=None, device=None, progress: bool = True,
           deterministic: bool = True, cbs: list | None = None, calibrate_on: str | None = 'valid',
-          policy: DataPolicy | str | None = None, balance: bool | None = None, members: int = 1) -> Learner:
+          policy: DataPolicy | str | None = None, balance: bool | None = None, members: int = 1,
+          precision: str | None = 'auto') -> Learner:
     """Train `arch` on `ds` with fastai (extra fastai callbacks in `cbs`); returns the `Learner` with the last epoch, or the best validation epoch where it is better by more than chance (`SelectEpoch`),
     and its temperature and prediction sets calibrated on `calibrate_on`. `policy` (a `DataPolicy` or a modality name; default: the data set's own) sets the augmentation.
     `balance`: weigh the classes equally in the loss (None: when the training classes are imbalanced, `class_weights`).
-    `members` > 1: that many models of `epochs` each, from seeds `seed`, `seed + 1`, ..., one after the other (each fit sees `cbs`), averaged as an `Ensemble`, which is calibrated."""
+    `members` > 1: that many models of `epochs` each, from seeds `seed`, `seed + 1`, ..., one after the other (each fit sees `cbs`), averaged as an `Ensemble`, which is calibrated.
+    `precision`: 'auto' (bfloat16 autocast where the CPU has it natively, `resolve_precision`), 'bf16' or 'fp32'."""
     log = get_logger('train')
     if arch not in ARCHS: raise ValueError(f'unknown architecture {arch!r}; choose one of {sorted(ARCHS)}')
     if int(members) < 1: raise ValueError(f'members must be at least 1, not {members}')
@@ -282,6 +324,7 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
     size = (size, size) if isinstance(size, int) else tuple(size)
     channels = ds.channels
     device = device or get_device()
+    precision = resolve_precision(precision, device)
     set_seed(seed, deterministic)
     dls = make_dls(ds, size, channels, bs, device, train_splits)
     policy = resolve_policy(ds, policy)
@@ -291,7 +334,8 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
     for i in range(int(members)):
         if i: set_seed(seed + i, deterministic)
         fits.append(_fit_one(ds, dls, arch, epochs, lr, size, pretrained, wd, label_smoothing, augment, patience, train_splits,
-                             checkpoint_dir, device, progress, policy, weights, cbs, member=f' (member {i + 1} of {members}, seed {seed + i})' if members > 1 else ''))
+                             checkpoint_dir, device, progress, policy, weights, cbs, member=f' (member {i + 1} of {members}, seed {seed + i})' if members > 1 else '',
+                             precision=precision))
     learn, select, secs = fits[-1]
     if members > 1:     # the last member's Learner, holding them all
         learn.model = Ensemble([f[0].model for f in fits]).to(memory_format=torch.channels_last)
@@ -309,7 +353,7 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
                         training=dict(epochs=epochs, epochs_run=len(best), lr=lr, bs=bs, seed=seed, wd=wd,
                                       label_smoothing=label_smoothing, augment=augment, class_weights=None if weights is None else [round(float(w), 4) for w in weights],
                                       class_weights_why=balance_why, pretrained=pretrained and ARCHS[arch].pretrained,
-                                      seconds=round(secs, 2), device=str(device),
+                                      seconds=round(secs, 2), device=str(device), precision=precision,
                                       **_kept(learn, select)),
                         calibration=cal, conformal=conf, policy=policy.to_dict())
     if members > 1:

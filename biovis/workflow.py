@@ -25,9 +25,9 @@ from .inference import Predictor
 from .conformal import describe_set
 
 # %% auto #0
-__all__ = ['SMALL_SIDE', 'MAX_BUDGET_EPOCHS', 'FIRST_EPOCH_WEIGHT', 'MEMBER_EPOCHS', 'MAX_MEMBERS', 'VALID_GAP', 'image_sizes',
-           'choose_model', 'epochs_for_budget', 'measure_epoch', 'budget_plan', 'BudgetStop', 'ensemble_plan',
-           'validation_gap', 'train_and_register', 'recalibrate_version', 'write_report', 'quickstart']
+__all__ = ['SMALL_SIDE', 'MAX_BUDGET_EPOCHS', 'FIRST_EPOCH_WEIGHT', 'RECENT_EPOCHS', 'MEMBER_EPOCHS', 'MAX_MEMBERS', 'VALID_GAP',
+           'image_sizes', 'choose_model', 'epochs_for_budget', 'measure_epoch', 'budget_plan', 'BudgetStop',
+           'ensemble_plan', 'validation_gap', 'train_and_register', 'recalibrate_version', 'write_report', 'quickstart']
 
 # %% ../nbs/07_workflow.ipynb #f500b05b
 SMALL_SIDE = 64              # images of one size under this side (px) get the small CNN at their own size
@@ -95,16 +95,17 @@ def epochs_for_budget(budget_s: float, epoch_s: float, max_epochs: int | None = 
     return max(1, min(int(budget_s // max(epoch_s, 1e-9)), max_epochs or cap))
 
 def measure_epoch(ds: ImageDataset, arch: str, size, bs: int = 128, policy=None, train_splits=('train',), probe_bs: int = 64,
-                  steps: int = 2, device=None) -> dict:
+                  steps: int = 2, device=None, precision: str | None = 'auto') -> dict:
     """Seconds an epoch of training `arch` on `ds` at `size` takes here, measured: one warm-up and `steps` timed steps of real training
     (the policy's augmentation, forward, backward, Adam) on up to `probe_bs` training images, scaled to the training split, plus a forward
-    pass scaled to the validation split. dict(epoch_s, step_s, batch, steps, n_train, probe_s)."""
+    pass scaled to the validation split, in the `precision` training will use (`biovis.train.resolve_precision`). dict(epoch_s, step_s, batch, steps, n_train, probe_s, precision)."""
     import torch, torch.nn.functional as F
     from biovis.core import get_device
     from biovis.models import create_model
     from biovis.policy import resolve_policy
-    from biovis.train import policy_augment
-    t0, dev = time.perf_counter(), device or get_device()
+    from biovis.train import policy_augment, resolve_precision
+    t0, dev = time.perf_counter(), torch.device(device or get_device())
+    prec = resolve_precision(precision, dev)
     sz = (size, size) if isinstance(size, int) else tuple(size)
     tr = np.concatenate([ds.idxs(s) for s in train_splits])
     n = min(bs, probe_bs, len(tr))
@@ -117,7 +118,9 @@ def measure_epoch(ds: ImageDataset, arch: str, size, bs: int = 128, policy=None,
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
     def step():
         xa = policy_augment(xb, p)
-        loss = F.cross_entropy(model(xa), yb); opt.zero_grad(); loss.backward(); opt.step()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=prec == 'bf16'):
+            loss = F.cross_entropy(model(xa).float(), yb)
+        opt.zero_grad(); loss.backward(); opt.step()
     step(); sync(); t = time.perf_counter()
     for _ in range(steps): step()
     sync(); step_s = (time.perf_counter() - t) / steps
@@ -125,14 +128,14 @@ def measure_epoch(ds: ImageDataset, arch: str, size, bs: int = 128, policy=None,
     with torch.no_grad(): model(xb)
     sync(); fwd_s = time.perf_counter() - t
     epoch_s = step_s * len(tr) / n + fwd_s * len(ds.idxs('valid')) / n
-    return dict(epoch_s=epoch_s, step_s=step_s, batch=n, steps=steps, n_train=int(len(tr)), probe_s=time.perf_counter() - t0)
+    return dict(epoch_s=epoch_s, step_s=step_s, batch=n, steps=steps, n_train=int(len(tr)), probe_s=time.perf_counter() - t0, precision=prec)
 
 def budget_plan(ds: ImageDataset, arch: str, size, budget_s: float, max_epochs: int | None = None, **probe_kw) -> dict:
     "The epochs of `arch` on `ds` at `size` that fit in `budget_s` seconds (`measure_epoch`), with a one-line reason (`why`)."
     m = measure_epoch(ds, arch, size, **probe_kw)
     left = budget_s - m['probe_s']
     fit, epochs = int(left // m['epoch_s']), epochs_for_budget(left, m['epoch_s'], max_epochs)
-    why = (f"budget {budget_s:g} s: an epoch of {arch} at {_px(size)} on {m['n_train']} images takes about {m['epoch_s']:.1f} s here "
+    why = (f"budget {budget_s:g} s: an epoch of {arch} at {_px(size)} on {m['n_train']} images takes about {m['epoch_s']:.1f} s here{' in bfloat16' if m['precision'] == 'bf16' else ''} "
            f"(measured on {m['steps']} steps of {m['batch']} images; the probe took {m['probe_s']:.1f} s), so {epochs} epoch{'s' * (epochs != 1)}")
     if fit < 1: why += ': at least one, though it takes longer than the budget'
     elif max_epochs and fit > max_epochs: why += f' (--epochs {max_epochs} is the upper bound; {fit} would fit)'
@@ -140,13 +143,15 @@ def budget_plan(ds: ImageDataset, arch: str, size, budget_s: float, max_epochs: 
     return dict(epochs=epochs, fit=max(fit, 1), budget_s=budget_s, fit_s=max(left, 0.0), epoch_s=m['epoch_s'], probe_s=m['probe_s'], why=why)
 
 FIRST_EPOCH_WEIGHT = 0.8     # the first epoch's time, as a guess of the next: it includes warm-up (allocation, first validation)
+RECENT_EPOCHS = 3            # the epoch time is read off the last this many epochs: a slow spell that has passed stops counting
 
 class BudgetStop(Callback):
-    """Keeps a fit inside `seconds` from its start: after each epoch, when the epochs left would end past `seconds` at the epoch
-    time measured so far (the slower of the mean and the last; the first epoch counts at `FIRST_EPOCH_WEIGHT` while it is
-    the only one, and not after), the fit is shortened to the epochs that fit (`n_epoch`, which
-    fastai's one-cycle schedule reads, so it still anneals to the end) and ends after the last of them. The epoch kept is
-    `SelectEpoch`'s choice; `stopped` says the plan was cut, `planned` and `epochs_fit` what was planned and what ran. `clock`: seconds."""
+    """Keeps a fit inside `seconds` from its start: after each epoch, the epochs that fit at the epoch time measured now (the
+    slower of the median of the last `RECENT_EPOCHS` and the last one; the first epoch counts at `FIRST_EPOCH_WEIGHT` while it
+    is the only one, and not after) become the fit's length (`n_epoch`, which fastai's one-cycle schedule reads, so it still
+    anneals to the end): shortened when epochs are slower than planned, lengthened again (never past the plan) when a slow
+    spell has passed; the fit ends after the last of them. The epoch kept is `SelectEpoch`'s choice; `stopped` says the plan
+    was cut in the end, `planned` and `epochs_fit` what was planned and what ran. `clock`: seconds."""
     order = 70           # after the recorder and the trackers have seen the epoch
     def __init__(self, seconds: float, clock=time.perf_counter):
         self.seconds, self.clock, self.stopped, self.planned, self.epochs_fit = seconds, clock, False, None, None
@@ -156,13 +161,13 @@ class BudgetStop(Callback):
         now = self.clock(); self.t_epoch.append(now - self.te)
         done, spent = self.epoch + 1, now - self.t0
         t = self.t_epoch[1:] or [self.t_epoch[0] * FIRST_EPOCH_WEIGHT]      # the first epoch carries one-time costs
-        per = max(sum(t) / len(t), t[-1])
-        fit = done + max(0, int((self.seconds - spent) // per))
-        if fit < self.learn.n_epoch:
-            get_logger('workflow').warning('time budget: an epoch takes %.1f s here, so %d of %d epochs fit in %.0f s; the schedule is shortened',
-                                           per, fit, self.learn.n_epoch, self.seconds)
-            self.learn.n_epoch, self.stopped = fit, True
-        self.epochs_fit = self.learn.n_epoch
+        per = max(float(np.median(t[-RECENT_EPOCHS:])), t[-1])
+        fit = min(self.planned, done + max(0, int((self.seconds - spent) // per)))     # fastai's epoch loop runs to the plan at most
+        if fit != self.learn.n_epoch:
+            get_logger('workflow').warning('time budget: an epoch takes %.1f s here now, so %d of %d planned epochs fit in %.0f s; the schedule is %s',
+                                           per, fit, self.planned, self.seconds, 'shortened' if fit < self.learn.n_epoch else 'lengthened again')
+            self.learn.n_epoch = fit
+        self.stopped, self.epochs_fit = self.learn.n_epoch < self.planned, self.learn.n_epoch
         if done >= self.learn.n_epoch and done < self.planned: raise CancelFitException()
 
 
@@ -211,7 +216,8 @@ def train_and_register(ds: ImageDataset, name: str | None = None, arch: str | No
     plan, members = None, train_kw.pop('members', None)
     if budget_s:
         plan = budget_plan(ds, choice['arch'], choice['size'], budget_s, epochs, bs=train_kw.get('bs', 128),
-                           policy=train_kw.get('policy'), train_splits=train_kw.get('train_splits', ('train',)))
+                           policy=train_kw.get('policy'), train_splits=train_kw.get('train_splits', ('train',)),
+                           precision=train_kw.get('precision', 'auto'))
         ens = ensemble_plan(plan, epochs, members)
         say(plan['why'] + ('' if ens['members'] == 1 else f": {ens['why']}"))
         stop = BudgetStop(ens['member_s'])      # each member inside its share

@@ -185,14 +185,18 @@ def test_measure_epoch_scales_the_probe_to_the_split():
     assert m['epoch_s'] >= m['step_s'] * 512 / 64 and m['probe_s'] < 30
 
 
-def test_budget_stop_ends_the_fit_and_keeps_the_best_epoch():
+def _two_blobs(n: int = 160):
+    "Two classes of 16-px grayscale images, dark and bright: 96 train, 32 valid, 32 test."
     from biovis.data import ImageDataset
-    from biovis.train import train
-    from biovis.workflow import BudgetStop
-    n = 160
     y = np.arange(n) % 2
     x = np.clip(np.random.default_rng(0).normal(60 + 120 * y[:, None, None, None], 20, (n, 16, 16, 1)), 0, 255).astype(np.uint8)
-    ds = ImageDataset(['a', 'b'], y, ['train'] * 96 + ['valid'] * 32 + ['test'] * 32, array=x)
+    return ImageDataset(['a', 'b'], y, ['train'] * 96 + ['valid'] * 32 + ['test'] * 32, array=x)
+
+
+def test_budget_stop_ends_the_fit_and_keeps_the_best_epoch():
+    from biovis.train import train
+    from biovis.workflow import BudgetStop
+    ds = _two_blobs()
     stop = BudgetStop(0.0)
     learn = train(ds, epochs=4, bs=32, progress=False, cbs=[stop])
     assert stop.stopped and learn.biovis['training']['epochs_run'] == 1
@@ -201,13 +205,9 @@ def test_budget_stop_ends_the_fit_and_keeps_the_best_epoch():
 def test_budget_stop_shortens_the_schedule_so_it_still_anneals():
     "Epochs slower than planned: the fit is cut to the epochs that fit and the one-cycle learning rate still ends annealed."
     from fastai.callback.core import Callback
-    from biovis.data import ImageDataset
     from biovis.train import train
     from biovis.workflow import BudgetStop
-    n, now = 160, [0.0]
-    y = np.arange(n) % 2
-    x = np.clip(np.random.default_rng(0).normal(60 + 120 * y[:, None, None, None], 20, (n, 16, 16, 1)), 0, 255).astype(np.uint8)
-    ds = ImageDataset(['a', 'b'], y, ['train'] * 96 + ['valid'] * 32 + ['test'] * 32, array=x)
+    ds, now = _two_blobs(), [0.0]
     class TenSecondEpochs(Callback):          # the clock BudgetStop reads: each epoch takes 10 s
         order = 60
         def after_epoch(self): now[0] += 10
@@ -318,3 +318,37 @@ def test_the_last_epoch_is_kept_unless_the_best_beats_it_by_more_than_chance():
     assert learn.recorder.values[-1][2] <= 0.75 and tr['epoch_kept'] < 3, (learn.recorder.values, tr)
     assert 'McNemar p = ' in tr['epoch_kept_why'] and 'kept' in tr['epoch_kept_why']
     assert (predict_proba(learn.model, xv).argmax(1) == yv).mean() == tr['best_valid_accuracy'] == 1.0
+
+
+def test_train_precision_is_recorded_probed_alike_and_chosen_from_the_command_line(tmp_path):
+    "`biovis train --budget`: the probe times steps in the precision training uses and says so; `--precision fp32` trains and records float32; an unknown precision is a usage error."
+    from biovis.registry import ModelRegistry
+    from biovis.train import bf16_native
+    auto = run_cli('train', '--data', 'sample', '--name', 'a', '--budget', '20', '--epochs', '1', '--no-tta', '-q', home=tmp_path, timeout=600)
+    fp32 = run_cli('train', '--data', 'sample', '--name', 'b', '--budget', '20', '--epochs', '1', '--no-tta', '-q', '--precision', 'fp32', home=tmp_path, timeout=600)
+    assert auto.returncode == 0 and fp32.returncode == 0, (auto.stderr[-2000:], fp32.stderr[-2000:])
+    reg = ModelRegistry(tmp_path/'models')
+    native = bf16_native('cpu')
+    assert reg.metadata('a', 'v1')['training']['precision'] == ('bf16' if native else 'fp32')
+    assert reg.metadata('b', 'v1')['training']['precision'] == 'fp32'
+    assert ('here in bfloat16' in auto.stdout) == native and 'here in bfloat16' not in fp32.stdout, (auto.stdout, fp32.stdout)
+    bad = run_cli('train', '--data', 'sample', '--name', 'c', '--epochs', '1', '--precision', 'fp16', home=tmp_path, timeout=600)
+    assert bad.returncode == 2 and "invalid choice: 'fp16'" in bad.stderr
+    assert 'c' not in reg.names()
+
+
+def test_budget_stop_lengthens_the_schedule_again_after_a_slow_spell():
+    "One slow epoch early (other work beside training) cuts the plan, and the fit gets its epochs back when the epochs are quick again, inside the budget; the mean of all epochs would have kept it cut at 4."
+    from fastai.callback.core import Callback
+    from biovis.train import train
+    from biovis.workflow import BudgetStop
+    ds, now = _two_blobs(), [0.0]
+    class OneSlowEpoch(Callback):             # the clock BudgetStop reads: epoch 1 takes 25 s, the others 10 s
+        order = 60
+        def after_epoch(self): now[0] += 25 if self.epoch == 1 else 10
+    stop = BudgetStop(100.0, clock=lambda: now[0])
+    learn = train(ds, epochs=8, bs=32, lr=4e-3, progress=False, cbs=[OneSlowEpoch(), stop])
+    assert learn.biovis['training']['epochs_run'] == 8 and stop.epochs_fit == 8 and not stop.stopped
+    assert now[0] == 95 <= 100
+    lrs = learn.recorder.lrs
+    assert lrs[-1] < 4e-3 / 10, lrs[-1]                                 # annealed at the end of the 8 epochs

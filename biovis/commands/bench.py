@@ -16,6 +16,9 @@ def cmd_benchmark(a):
     if a.keras:
         from biovis.bench.keras import keras_benchmark
         keras_benchmark(data=a.data, out_dir=a.out, budget_s=a.keras_budget, keras_arch=a.keras_arch); return
+    if a.precision:
+        from biovis.bench.precision import precision_benchmark
+        precision_benchmark(data=a.data, out_dir=a.out); return
     if a.generality:
         from biovis.bench.generality import generality_benchmark
         generality_benchmark(data_root=a.data, out_dir=a.out, budget_s=a.budget); return
@@ -63,6 +66,8 @@ def add_commands(sub):
     b.add_argument('--multilabel', action='store_true', help='multi-label findings on 2x2 mosaics of BloodMNIST cells, each split from its '
                    'own official split (reports/benchmarks/multilabel.json)')
     b.add_argument('--ml-budget', type=float, default=540, help='with --multilabel: training budget in seconds (default: 540)')
+    b.add_argument('--precision', action='store_true', help='training steps and epochs in float32 and bfloat16 autocast, alternated '
+                   '(reports/benchmarks/precision.json)')
     b.add_argument('--keras', action='store_true', help='Keras vs fastai with one time budget, ONNX Runtime vs PyTorch latency (reports/benchmarks/keras.json)')
     b.add_argument('--keras-budget', type=float, default=150, help='with --keras: training seconds for each model')
     b.add_argument('--keras-arch', default='cnn_small', choices=LazyChoices(keras_archs), metavar='ARCH',
