@@ -30,9 +30,9 @@ from .conformal import CONFORMAL_LEVELS, METHOD, calibrate_conformal
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'SATURATED_ACCURACY', 'SATURATED_NLL', 'IMBALANCE', 'ArrayDataset', 'ArrayDL', 'make_dls',
-           'random_affine', 'color_jitter', 'policy_augment', 'PolicyAug', 'bf16_native', 'resolve_precision',
-           'CPUAutocast', 'precision_callbacks', 'prefer_best', 'SelectEpoch', 'nll', 'fit_temperature', 'saturated',
-           'calibrate', 'calibrate_sets', 'class_weights', 'train']
+           'random_affine', 'color_jitter', 'policy_augment', 'PolicyAug', 'bf16_native', 'step_seconds',
+           'choose_precision', 'CPUAutocast', 'precision_callbacks', 'prefer_best', 'SelectEpoch', 'nll',
+           'fit_temperature', 'saturated', 'calibrate', 'calibrate_sets', 'class_weights', 'train']
 
 # %% ../nbs/03_train.ipynb #67c3bd46
 class ArrayDataset:
@@ -113,7 +113,7 @@ class PolicyAug(Callback):
         if not self.training: return
         self.learn.xb = (policy_augment(self.xb[0], self.policy),)
 
-# %% ../nbs/03_train.ipynb #fe815663
+# %% ../nbs/03_train.ipynb #838ef188
 def bf16_native(device=None) -> bool:
     "Whether bfloat16 is native on `device`: a CPU whose oneDNN has bfloat16 instructions (AVX-512 BF16, AMX), or a CUDA GPU that supports it."
     dev = torch.device(device or get_device())
@@ -122,13 +122,38 @@ def bf16_native(device=None) -> bool:
 
 PRECISIONS = ('auto', 'bf16', 'fp32')
 
-def resolve_precision(precision: str | None = 'auto', device=None) -> str:
-    "'bf16' or 'fp32' for training on `device`: as asked, or for 'auto' (None): bfloat16 on a CPU where it is native (`bf16_native`), else float32."
-    precision = precision or 'auto'
-    if precision not in PRECISIONS: raise ValueError(f'precision must be one of {PRECISIONS}, not {precision!r}')
-    if precision != 'auto': return precision
+def step_seconds(arch: str, n_classes: int, channels: int, x: torch.Tensor, y: torch.Tensor, policy: DataPolicy, precision: str,
+                 steps: int = 2, device=None) -> float:
+    "Median seconds of a training step (`policy_augment`, forward, backward, Adam) of a fresh, untrained `arch` on the float batch `x` (labels `y`) in `precision` ('bf16' or 'fp32'), after one warm-up step."
     dev = torch.device(device or get_device())
-    return 'bf16' if dev.type == 'cpu' and bf16_native(dev) else 'fp32'
+    model = create_model(arch, n_classes, channels, pretrained=False).to(dev).to(memory_format=torch.channels_last).train()
+    opt, x, y = torch.optim.Adam(model.parameters(), 1e-3), x.to(dev), y.to(dev)
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+    def step():
+        xa = policy_augment(x, policy)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == 'bf16'):
+            loss = F.cross_entropy(model(xa).float(), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+    step(); sync(); ts = []
+    for _ in range(steps):
+        t = time.perf_counter(); step(); sync(); ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+def choose_precision(arch: str, n_classes: int, channels: int, x: torch.Tensor, y: torch.Tensor, policy: DataPolicy,
+                     precision: str | None = 'auto', device=None, steps: int = 2, time_all: bool = False) -> dict:
+    """The precision to train `arch` in: as asked, or for 'auto' the faster of float32 and bfloat16 in `step_seconds` on the batch `x`
+    where bfloat16 is native (`bf16_native`), else float32. dict(precision, why, step_s: the seconds timed per precision; with
+    `time_all` the precision chosen is timed even when there was nothing to compare)."""
+    dev, precision = torch.device(device or get_device()), precision or 'auto'
+    if precision not in PRECISIONS: raise ValueError(f'precision must be one of {PRECISIONS}, not {precision!r}')
+    cands = [precision] if precision != 'auto' else ['fp32', 'bf16'] if dev.type == 'cpu' and bf16_native(dev) else ['fp32']
+    t = {p: step_seconds(arch, n_classes, channels, x, y, policy, p, steps, dev) for p in cands} if len(cands) > 1 or time_all else {}
+    best = min(t, key=t.get) if len(cands) > 1 else cands[0]
+    name = dict(bf16='bfloat16', fp32='float32')
+    why = (f'{name[best]}, as asked' if precision != 'auto' else
+           f'float32: bfloat16 is not native on this {dev.type}' if len(cands) == 1 else
+           f"{name[best]}: a training step of {arch} on {len(x)} images took {t['bf16'] * 1e3:.0f} ms in bfloat16 and {t['fp32'] * 1e3:.0f} ms in float32 here")
+    return dict(precision=best, why=why, step_s={p: round(v, 5) for p, v in t.items()})
 
 class CPUAutocast(Callback):
     "bfloat16 autocast of each training batch's forward pass and loss on the CPU (fastai's `MixedPrecision` enters CUDA's autocast only); weights, gradients and the optimiser stay float32, validation runs in float32."
@@ -316,7 +341,7 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
     and its temperature and prediction sets calibrated on `calibrate_on`. `policy` (a `DataPolicy` or a modality name; default: the data set's own) sets the augmentation.
     `balance`: weigh the classes equally in the loss (None: when the training classes are imbalanced, `class_weights`).
     `members` > 1: that many models of `epochs` each, from seeds `seed`, `seed + 1`, ..., one after the other (each fit sees `cbs`), averaged as an `Ensemble`, which is calibrated.
-    `precision`: 'auto' (bfloat16 autocast where the CPU has it natively, `resolve_precision`), 'bf16' or 'fp32'."""
+    `precision`: 'auto' (the faster of float32 and bfloat16 autocast where bfloat16 is native, `choose_precision`), 'bf16' or 'fp32'."""
     log = get_logger('train')
     if arch not in ARCHS: raise ValueError(f'unknown architecture {arch!r}; choose one of {sorted(ARCHS)}')
     if int(members) < 1: raise ValueError(f'members must be at least 1, not {members}')
@@ -324,10 +349,15 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
     size = (size, size) if isinstance(size, int) else tuple(size)
     channels = ds.channels
     device = device or get_device()
-    precision = resolve_precision(precision, device)
     set_seed(seed, deterministic)
     dls = make_dls(ds, size, channels, bs, device, train_splits)
     policy = resolve_policy(ds, policy)
+    xp = dls.train.dataset.x[:min(bs, 64)]
+    prec = choose_precision(arch, len(ds.classes), channels, (xp.float() / 255).contiguous(memory_format=torch.channels_last),
+                            dls.train.dataset.y[:len(xp)], policy, precision, device)
+    precision = prec['precision']
+    log.info('precision: %s', prec['why'])
+    set_seed(seed, deterministic)      # the timing steps drew random numbers
     weights, balance_why = class_weights(dls.train.dataset.y.numpy(), ds.classes, balance)
     if balance_why: log.info('class weights: %s', balance_why)
     fits = []
@@ -353,7 +383,7 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
                         training=dict(epochs=epochs, epochs_run=len(best), lr=lr, bs=bs, seed=seed, wd=wd,
                                       label_smoothing=label_smoothing, augment=augment, class_weights=None if weights is None else [round(float(w), 4) for w in weights],
                                       class_weights_why=balance_why, pretrained=pretrained and ARCHS[arch].pretrained,
-                                      seconds=round(secs, 2), device=str(device), precision=precision,
+                                      seconds=round(secs, 2), device=str(device), precision=precision, precision_why=prec['why'], precision_step_s=prec['step_s'],
                                       **_kept(learn, select)),
                         calibration=cal, conformal=conf, policy=policy.to_dict())
     if members > 1:

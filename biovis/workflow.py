@@ -98,14 +98,14 @@ def measure_epoch(ds: ImageDataset, arch: str, size, bs: int = 128, policy=None,
                   steps: int = 2, device=None, precision: str | None = 'auto') -> dict:
     """Seconds an epoch of training `arch` on `ds` at `size` takes here, measured: one warm-up and `steps` timed steps of real training
     (the policy's augmentation, forward, backward, Adam) on up to `probe_bs` training images, scaled to the training split, plus a forward
-    pass scaled to the validation split, in the `precision` training will use (`biovis.train.resolve_precision`). dict(epoch_s, step_s, batch, steps, n_train, probe_s, precision)."""
-    import torch, torch.nn.functional as F
+    pass scaled to the validation split, in the precision training will use (`biovis.train.choose_precision`: as asked, or the faster one).
+    dict(epoch_s, step_s, batch, steps, n_train, probe_s, precision, precision_why, precision_step_s)."""
+    import torch
     from biovis.core import get_device
     from biovis.models import create_model
     from biovis.policy import resolve_policy
-    from biovis.train import policy_augment, resolve_precision
+    from biovis.train import choose_precision
     t0, dev = time.perf_counter(), torch.device(device or get_device())
-    prec = resolve_precision(precision, dev)
     sz = (size, size) if isinstance(size, int) else tuple(size)
     tr = np.concatenate([ds.idxs(s) for s in train_splits])
     n = min(bs, probe_bs, len(tr))
@@ -113,22 +113,16 @@ def measure_epoch(ds: ImageDataset, arch: str, size, bs: int = 128, policy=None,
     x = np.stack([to_model_input(ds.image(i), sz, ds.channels) for i in tr[:n]]).transpose(0, 3, 1, 2)
     xb = torch.from_numpy(np.ascontiguousarray(x)).to(dev).float().div_(255).contiguous(memory_format=torch.channels_last)
     yb = torch.from_numpy(ds.labels[tr[:n]]).to(dev)
-    model = create_model(arch, len(ds.classes), ds.channels, pretrained=False).to(dev).to(memory_format=torch.channels_last).train()
-    opt, p = torch.optim.Adam(model.parameters(), 1e-3), resolve_policy(ds, policy)
+    prec = choose_precision(arch, len(ds.classes), ds.channels, xb, yb, resolve_policy(ds, policy), precision, dev, steps, time_all=True)
+    step_s = prec['step_s'][prec['precision']]
+    model = create_model(arch, len(ds.classes), ds.channels, pretrained=False).to(dev).to(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
-    def step():
-        xa = policy_augment(xb, p)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=prec == 'bf16'):
-            loss = F.cross_entropy(model(xa).float(), yb)
-        opt.zero_grad(); loss.backward(); opt.step()
-    step(); sync(); t = time.perf_counter()
-    for _ in range(steps): step()
-    sync(); step_s = (time.perf_counter() - t) / steps
     model.eval(); t = time.perf_counter()
     with torch.no_grad(): model(xb)
     sync(); fwd_s = time.perf_counter() - t
     epoch_s = step_s * len(tr) / n + fwd_s * len(ds.idxs('valid')) / n
-    return dict(epoch_s=epoch_s, step_s=step_s, batch=n, steps=steps, n_train=int(len(tr)), probe_s=time.perf_counter() - t0, precision=prec)
+    return dict(epoch_s=epoch_s, step_s=step_s, batch=n, steps=steps, n_train=int(len(tr)), probe_s=time.perf_counter() - t0,
+                precision=prec['precision'], precision_why=prec['why'], precision_step_s=prec['step_s'])
 
 def budget_plan(ds: ImageDataset, arch: str, size, budget_s: float, max_epochs: int | None = None, **probe_kw) -> dict:
     "The epochs of `arch` on `ds` at `size` that fit in `budget_s` seconds (`measure_epoch`), with a one-line reason (`why`)."
@@ -140,7 +134,8 @@ def budget_plan(ds: ImageDataset, arch: str, size, budget_s: float, max_epochs: 
     if fit < 1: why += ': at least one, though it takes longer than the budget'
     elif max_epochs and fit > max_epochs: why += f' (--epochs {max_epochs} is the upper bound; {fit} would fit)'
     elif not max_epochs and fit > MAX_BUDGET_EPOCHS: why += f' (at most {MAX_BUDGET_EPOCHS}; {fit} would fit)'
-    return dict(epochs=epochs, fit=max(fit, 1), budget_s=budget_s, fit_s=max(left, 0.0), epoch_s=m['epoch_s'], probe_s=m['probe_s'], why=why)
+    return dict(epochs=epochs, fit=max(fit, 1), budget_s=budget_s, fit_s=max(left, 0.0), epoch_s=m['epoch_s'], probe_s=m['probe_s'], why=why,
+                precision=m['precision'], precision_why=m['precision_why'], precision_step_s=m['precision_step_s'])
 
 FIRST_EPOCH_WEIGHT = 0.8     # the first epoch's time, as a guess of the next: it includes warm-up (allocation, first validation)
 RECENT_EPOCHS = 3            # the epoch time is read off the last this many epochs: a slow spell that has passed stops counting
@@ -219,15 +214,18 @@ def train_and_register(ds: ImageDataset, name: str | None = None, arch: str | No
                            policy=train_kw.get('policy'), train_splits=train_kw.get('train_splits', ('train',)),
                            precision=train_kw.get('precision', 'auto'))
         ens = ensemble_plan(plan, epochs, members)
+        say(f"precision: {plan['precision_why']}")
         say(plan['why'] + ('' if ens['members'] == 1 else f": {ens['why']}"))
         stop = BudgetStop(ens['member_s'])      # each member inside its share
         train_kw['cbs'] = [*(train_kw.get('cbs') or []), stop]
         members, plan['why'] = ens['members'], plan['why'] + ('' if ens['members'] == 1 else f": {ens['why']}")
+        train_kw['precision'] = plan['precision']      # chosen and timed by the probe
     epochs = ens['epochs'] if plan else (epochs or 10)
     learn = train(ds, arch=choice['arch'], size=choice['size'], epochs=epochs, progress=progress, members=1 if members is None else members, **train_kw)
     learn.biovis['model_choice'] = choice
     if plan: learn.biovis['training'].update(budget_s=budget_s, epochs_chosen=epochs, epoch_seconds_measured=round(plan['epoch_s'], 3),
-                                             probe_seconds=round(plan['probe_s'], 2), budget_stopped=stop.stopped, epochs_fit=stop.epochs_fit, budget_why=plan['why'])
+                                             probe_seconds=round(plan['probe_s'], 2), budget_stopped=stop.stopped, epochs_fit=stop.epochs_fit, budget_why=plan['why'],
+                                             precision_why=plan['precision_why'], precision_step_s=plan['precision_step_s'])
     if ds.skipped: learn.biovis['dataset']['skipped'] = list(ds.skipped)
     ev = evaluate(learn, ds, split='test', tta=tta)
     log.info('test split: %s', ev)

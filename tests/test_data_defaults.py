@@ -321,17 +321,21 @@ def test_the_last_epoch_is_kept_unless_the_best_beats_it_by_more_than_chance():
 
 
 def test_train_precision_is_recorded_probed_alike_and_chosen_from_the_command_line(tmp_path):
-    "`biovis train --budget`: the probe times steps in the precision training uses and says so; `--precision fp32` trains and records float32; an unknown precision is a usage error."
+    "`biovis train --budget`: the probe picks the faster precision where bfloat16 is native (both timed, in the metadata), says why, and times the epoch in it; `--precision fp32` trains and records float32; an unknown precision is a usage error."
     from biovis.registry import ModelRegistry
     from biovis.train import bf16_native
     auto = run_cli('train', '--data', 'sample', '--name', 'a', '--budget', '20', '--epochs', '1', '--no-tta', '-q', home=tmp_path, timeout=600)
     fp32 = run_cli('train', '--data', 'sample', '--name', 'b', '--budget', '20', '--epochs', '1', '--no-tta', '-q', '--precision', 'fp32', home=tmp_path, timeout=600)
     assert auto.returncode == 0 and fp32.returncode == 0, (auto.stderr[-2000:], fp32.stderr[-2000:])
     reg = ModelRegistry(tmp_path/'models')
-    native = bf16_native('cpu')
-    assert reg.metadata('a', 'v1')['training']['precision'] == ('bf16' if native else 'fp32')
-    assert reg.metadata('b', 'v1')['training']['precision'] == 'fp32'
-    assert ('here in bfloat16' in auto.stdout) == native and 'here in bfloat16' not in fp32.stdout, (auto.stdout, fp32.stdout)
+    ta, tb = reg.metadata('a', 'v1')['training'], reg.metadata('b', 'v1')['training']
+    if bf16_native('cpu'):
+        assert set(ta['precision_step_s']) == {'fp32', 'bf16'} and ta['precision'] == min(ta['precision_step_s'], key=ta['precision_step_s'].get)
+    else: assert ta['precision'] == 'fp32'
+    assert f"precision: {ta['precision_why']}" in auto.stdout
+    assert ('here in bfloat16' in auto.stdout) == (ta['precision'] == 'bf16'), auto.stdout
+    assert (tb['precision'], tb['precision_why'], list(tb['precision_step_s'])) == ('fp32', 'float32, as asked', ['fp32'])
+    assert 'here in bfloat16' not in fp32.stdout
     bad = run_cli('train', '--data', 'sample', '--name', 'c', '--epochs', '1', '--precision', 'fp16', home=tmp_path, timeout=600)
     assert bad.returncode == 2 and "invalid choice: 'fp16'" in bad.stderr
     assert 'c' not in reg.names()

@@ -25,34 +25,19 @@ def cpu_name() -> str:
     try: return next(l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name'))
     except (OSError, StopIteration): return platform.processor() or platform.machine()
 
-def step_times(ds: ImageDataset, arch: str, size: int, bs: int = 128, reps: int = 10, precisions=('fp32', 'bf16'), warmup: int = 2) -> dict:
-    "Median seconds of one training step of `arch` at `size` on a batch of `bs` images of `ds`, per precision, timed alternately `reps` times."
-    import torch, torch.nn.functional as F
+def step_times(ds: ImageDataset, arch: str, size: int, bs: int = 128, reps: int = 10, precisions=('fp32', 'bf16'), steps: int = 2) -> dict:
+    "Median seconds of one training step of `arch` at `size` on a batch of `bs` images of `ds` per precision (`biovis.train.step_seconds`), the precisions alternated `reps` times."
+    import torch
     from biovis.images import to_model_input
-    from biovis.models import create_model
     from biovis.policy import resolve_policy
-    from biovis.train import policy_augment
+    from biovis.train import step_seconds
     idx = ds.idxs('train')[:bs]
     x = np.stack([to_model_input(ds.image(i), size, ds.channels) for i in idx]).transpose(0, 3, 1, 2)
     xb = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255).contiguous(memory_format=torch.channels_last)
     yb, policy = torch.from_numpy(ds.labels[idx]), resolve_policy(ds)
-    runs = {}
-    for p in precisions:
-        torch.manual_seed(0)
-        m = create_model(arch, len(ds.classes), ds.channels, pretrained=False).to(memory_format=torch.channels_last).train()
-        runs[p] = (m, torch.optim.Adam(m.parameters(), 1e-3))
-    def step(p):
-        m, opt = runs[p]
-        xa = policy_augment(xb, policy)
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=p == 'bf16'):
-            loss = F.cross_entropy(m(xa).float(), yb)
-        opt.zero_grad(); loss.backward(); opt.step()
-    for p in precisions:
-        for _ in range(warmup): step(p)
     t = {p: [] for p in precisions}
-    for _ in range(reps):
-        for p in precisions:
-            t0 = time.perf_counter(); step(p); t[p].append(time.perf_counter() - t0)
+    for _ in range(reps):      # each: the step `choose_precision` times (a fresh network, a warm-up step, then `steps` timed)
+        for p in precisions: t[p].append(step_seconds(arch, len(ds.classes), ds.channels, xb, yb, policy, p, steps, 'cpu'))
     return {p: dict(median_s=float(np.median(v)), min_s=float(np.min(v)), n=len(v)) for p, v in t.items()}
 
 def epoch_times(ds: ImageDataset, arch: str = 'cnn_small', reps: int = 2, precisions=('fp32', 'bf16')) -> dict:
@@ -68,18 +53,18 @@ def epoch_times(ds: ImageDataset, arch: str = 'cnn_small', reps: int = 2, precis
 # %% ../../nbs/09l_bench.precision.ipynb #14987e21
 def precision_benchmark(data=None, out_dir=None, reps: int = 10, epoch_reps: int = 2, lite0: bool = True, say=print) -> dict:
     "Training steps (cnn_small at 28 px, bs 128; EfficientNet-Lite0 at 128 px, bs 32 when `lite0`) and whole cnn_small epochs on BloodMNIST in float32 and bfloat16; writes `precision.json|md`."
-    from biovis.train import bf16_native, resolve_precision
+    from biovis.train import bf16_native
     info = run_info()
     path = Path(data) if data else find_medmnist('bloodmnist')
     if not path or not Path(path).is_file(): raise FileNotFoundError('BloodMNIST .npz not found: pass --data or set BIOVIS_DATA')
     ds = from_npz(path)
     res = dict(info, benchmark='precision', data=str(path), dataset=dict(name=ds.name, n_train=len(ds.idxs('train')), n_valid=len(ds.idxs('valid'))),
-               cpu=cpu_name(), bf16_native=bf16_native('cpu'), auto=resolve_precision('auto', 'cpu'), steps={}, epochs=None)
+               cpu=cpu_name(), bf16_native=bf16_native('cpu'), steps={}, epochs=None)
     plans = [('cnn_small', 28, 128)] + ([('efficientnet_lite0', 128, 32)] if lite0 else [])
     for arch, size, bs in plans:
         s = step_times(ds, arch, size, bs, reps)
         s['ratio'] = s['fp32']['median_s'] / s['bf16']['median_s']
-        res['steps'][arch] = dict(size=size, bs=bs, **s)
+        res['steps'][arch] = dict(size=size, bs=bs, faster='bf16' if s['ratio'] > 1 else 'fp32', **s)
         say(f"{arch} at {size} px, batch {bs}: a step takes {s['fp32']['median_s'] * 1e3:.1f} ms in float32, {s['bf16']['median_s'] * 1e3:.1f} ms in bfloat16 (x{s['ratio']:.2f})")
     if epoch_reps:
         e = epoch_times(ds, 'cnn_small', epoch_reps)
@@ -99,7 +84,8 @@ def precision_markdown(r: dict) -> str:
                          fp32=e['fp32']['median_s'] * 1e3, bf16=e['bf16']['median_s'] * 1e3, ratio=e['ratio'], n=e['fp32']['n']))
     return (f"# Training precision: float32 and bfloat16 autocast on the CPU\n\nMeasured {r['created']} at commit `{r['git_commit']}` on {r['machine']}, "
             f"CPU {r['cpu']}; load average {r['load_average_start']} at the start, {r.get('load_average_end', '?')} at the end. "
-            f"Native bfloat16 here: {'yes' if r['bf16_native'] else 'no'}, so `precision='auto'` trains in {r['auto']}.\n\n"
+            f"Native bfloat16 here: {'yes' if r['bf16_native'] else 'no'}. `precision='auto'` trains each network in the precision whose step "
+            f"it times faster: here " + ', '.join(f"{a} in {s['faster']}" for a, s in r['steps'].items()) + ".\n\n"
             'Medians in milliseconds of alternated runs (a step: augmentation, forward, backward, Adam; an epoch: `biovis.train.train` for one epoch). '
             'ratio = float32 / bfloat16.\n\n'
             + md_table(rows, ['what', 'fp32', 'bf16', 'ratio', 'n'], dict(fp32='.1f', bf16='.1f', ratio='.2f'))
