@@ -71,6 +71,8 @@ def precision_benchmark(data=None, out_dir=None, reps: int = 10, epoch_reps: int
         e['ratio'] = e['fp32']['median_s'] / e['bf16']['median_s']
         res['epochs'] = dict(arch='cnn_small', size=28, bs=128, **e)
         say(f"cnn_small epoch on {res['dataset']['n_train']} images: {e['fp32']['median_s']:.1f} s in float32, {e['bf16']['median_s']:.1f} s in bfloat16 (x{e['ratio']:.2f})")
+    import os
+    res['load_average_end'] = round(os.getloadavg()[0], 2)
     write_report('precision', res, precision_markdown(res), out_dir)
     return res
 
@@ -89,4 +91,4 @@ def precision_markdown(r: dict) -> str:
             'Medians in milliseconds of alternated runs (a step: augmentation, forward, backward, Adam; an epoch: `biovis.train.train` for one epoch). '
             'ratio = float32 / bfloat16.\n\n'
             + md_table(rows, ['what', 'fp32', 'bf16', 'ratio', 'n'], dict(fp32='.1f', bf16='.1f', ratio='.2f'))
-            + '\nWhat it does to accuracy: see generality.md (BloodMNIST, PneumoniaMNIST and BCCD trained with the defaults, bfloat16 here).\n')
+            + '\nWhat it does to accuracy: see generality.md (BloodMNIST, PneumoniaMNIST and BCCD trained with the defaults, each network in the precision `auto` picks).\n')
