@@ -144,8 +144,8 @@ class BudgetStop(Callback):
     """Keeps a fit inside `seconds` from its start: after each epoch, the epochs that fit at the epoch time measured now (the
     slower of the median of the last `RECENT_EPOCHS` and the last one; the first epoch counts at `FIRST_EPOCH_WEIGHT` while it
     is the only one, and not after) become the fit's length (`n_epoch`, which fastai's one-cycle schedule reads, so it still
-    anneals to the end): shortened when epochs are slower than planned, lengthened again (never past the plan) when a slow
-    spell has passed; the fit ends after the last of them. The epoch kept is `SelectEpoch`'s choice; `stopped` says the plan
+    anneals to the end): shortened when epochs are slower than planned, lengthened again (never past the plan, and only with
+    half an epoch to spare, so that it does not flip at the boundary) when a slow spell has passed; the fit ends after the last of them. The epoch kept is `SelectEpoch`'s choice; `stopped` says the plan
     was cut in the end, `planned` and `epochs_fit` what was planned and what ran. `clock`: seconds."""
     order = 70           # after the recorder and the trackers have seen the epoch
     def __init__(self, seconds: float, clock=time.perf_counter):
@@ -157,7 +157,9 @@ class BudgetStop(Callback):
         done, spent = self.epoch + 1, now - self.t0
         t = self.t_epoch[1:] or [self.t_epoch[0] * FIRST_EPOCH_WEIGHT]      # the first epoch carries one-time costs
         per = max(float(np.median(t[-RECENT_EPOCHS:])), t[-1])
-        fit = min(self.planned, done + max(0, int((self.seconds - spent) // per)))     # fastai's epoch loop runs to the plan at most
+        fit = done + max(0, int((self.seconds - spent) // per))
+        if fit > self.learn.n_epoch:    # lengthened only with half an epoch to spare: no flip-flop at the boundary
+            fit = max(self.learn.n_epoch, min(self.planned, done + max(0, int((self.seconds - spent - per / 2) // per))))   # fastai's loop runs to the plan at most
         if fit != self.learn.n_epoch:
             get_logger('workflow').warning('time budget: an epoch takes %.1f s here now, so %d of %d planned epochs fit in %.0f s; the schedule is %s',
                                            per, fit, self.planned, self.seconds, 'shortened' if fit < self.learn.n_epoch else 'lengthened again')

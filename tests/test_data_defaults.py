@@ -356,3 +356,21 @@ def test_budget_stop_lengthens_the_schedule_again_after_a_slow_spell():
     assert now[0] == 95 <= 100
     lrs = learn.recorder.lrs
     assert lrs[-1] < 4e-3 / 10, lrs[-1]                                 # annealed at the end of the 8 epochs
+
+
+def test_budget_stop_does_not_flip_at_the_boundary_and_stays_inside_the_budget():
+    "Epoch times hovering around the boundary (10.4 s, 9.6 s, ...): the plan is cut once and not lengthened back and forth; without the half-epoch margin it flipped 9 <-> 10 and ended at 100.4 s of 100."
+    from fastai.callback.core import Callback
+    from biovis.train import train
+    from biovis.workflow import BudgetStop
+    ds, now, seen = _two_blobs(), [0.0], []
+    class Hovering(Callback):
+        order = 60
+        def after_epoch(self): now[0] += 10 if self.epoch == 0 else (10.4 if self.epoch % 2 else 9.6)
+    class Plan(Callback):
+        order = 71
+        def after_epoch(self): seen.append(self.learn.n_epoch)
+    stop = BudgetStop(100.0, clock=lambda: now[0])
+    train(ds, epochs=10, bs=32, progress=False, cbs=[Hovering(), stop, Plan()])
+    assert now[0] <= 100 and stop.epochs_fit == 9 and stop.stopped, (now[0], seen)
+    assert all(b <= a for a, b in zip(seen, seen[1:])), seen          # never lengthened again

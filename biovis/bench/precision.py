@@ -86,8 +86,9 @@ def precision_markdown(r: dict) -> str:
                          fp32=e['fp32']['median_s'] * 1e3, bf16=e['bf16']['median_s'] * 1e3, ratio=e['ratio'], n=e['fp32']['n']))
     return (f"# Training precision: float32 and bfloat16 autocast on the CPU\n\nMeasured {r['created']} at commit `{r['git_commit']}` on {r['machine']}, "
             f"CPU {r['cpu']}; load average {r['load_average_start']} at the start, {r.get('load_average_end', '?')} at the end. "
-            f"Native bfloat16 here: {'yes' if r['bf16_native'] else 'no'}. `precision='auto'` trains each network in the precision whose step "
-            f"it times faster: here " + ', '.join(f"{a} in {s['faster']}" for a, s in r['steps'].items()) + ".\n\n"
+            f"Native bfloat16 here: {'yes' if r['bf16_native'] else 'no'}. The faster in these steps: " + ', '.join(f"{a} in {s['faster']}" for a, s in r['steps'].items())
+            + " (`precision='auto'` decides the same way on its own two timed steps of each network on the data it trains, so where the two "
+            "precisions are close its choice can go either way).\n\n"
             'Medians in milliseconds of alternated runs (a step: augmentation, forward, backward, Adam; an epoch: `biovis.train.train` for one epoch). '
             'ratio = float32 / bfloat16.\n\n'
             + md_table(rows, ['what', 'fp32', 'bf16', 'ratio', 'n'], dict(fp32='.1f', bf16='.1f', ratio='.2f'))
