@@ -341,7 +341,8 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
     and its temperature and prediction sets calibrated on `calibrate_on`. `policy` (a `DataPolicy` or a modality name; default: the data set's own) sets the augmentation.
     `balance`: weigh the classes equally in the loss (None: when the training classes are imbalanced, `class_weights`).
     `members` > 1: that many models of `epochs` each, from seeds `seed`, `seed + 1`, ..., one after the other (each fit sees `cbs`), averaged as an `Ensemble`, which is calibrated.
-    `precision`: 'auto' (the faster of float32 and bfloat16 autocast where bfloat16 is native, `choose_precision`), 'bf16' or 'fp32'."""
+    `precision`: 'bf16' (bfloat16 autocast) or 'fp32'; 'auto' is float32 here (reproducible whatever the load) and, in a run with a time budget
+    (`biovis.workflow.train_and_register`), the faster of the two as its probe timed them (`choose_precision`)."""
     log = get_logger('train')
     if arch not in ARCHS: raise ValueError(f'unknown architecture {arch!r}; choose one of {sorted(ARCHS)}')
     if int(members) < 1: raise ValueError(f'members must be at least 1, not {members}')
@@ -352,12 +353,11 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
     set_seed(seed, deterministic)
     dls = make_dls(ds, size, channels, bs, device, train_splits)
     policy = resolve_policy(ds, policy)
-    xp = dls.train.dataset.x[:min(bs, 64)]
-    prec = choose_precision(arch, len(ds.classes), channels, (xp.float() / 255).contiguous(memory_format=torch.channels_last),
-                            dls.train.dataset.y[:len(xp)], policy, precision, device)
+    if precision in (None, 'auto'):   # without a time budget: the same arithmetic on every machine and load (a budget's probe times both)
+        prec = dict(precision='fp32', why='float32 (auto without a time budget: the same arithmetic whatever the load; a budget times both and takes the faster)', step_s={})
+    else: prec = choose_precision(arch, len(ds.classes), channels, None, None, policy, precision, device)
     precision = prec['precision']
     log.info('precision: %s', prec['why'])
-    set_seed(seed, deterministic)      # the timing steps drew random numbers
     weights, balance_why = class_weights(dls.train.dataset.y.numpy(), ds.classes, balance)
     if balance_why: log.info('class weights: %s', balance_why)
     fits = []

@@ -161,8 +161,9 @@ def add_commands(sub):
                    help=('a classifier: train this many models from seeds one apart and average them (an ensemble); default: with --budget, '
                          'one per 25 epochs that fit, at most 5; else one'))
     t.add_argument('--precision', default='auto', choices=('auto', 'bf16', 'fp32'),
-                   help=('a classifier: the arithmetic of training steps; auto (default): bfloat16 autocast on a CPU with native bfloat16 '
-                         '(AVX-512 BF16, AMX; about x1.5 here), else float32. Weights, validation and serving stay float32'))
+                   help=('a classifier: the arithmetic of training steps; auto (default): with --budget the faster of bfloat16 autocast and '
+                         'float32 as the probe times them where bfloat16 is native (AVX-512 BF16, AMX; cnn_small x1.55 here), without a '
+                         'budget float32 (the same arithmetic whatever the load). Weights, validation and serving stay float32'))
     t.add_argument('--budget', type=float, default=None,
                    help=('training time in seconds: a classifier measures an epoch and trains as many as fit (--epochs: at most); '
                          'segmentation and Keras stop after this many seconds'))
