@@ -346,6 +346,7 @@ def train(ds: ImageDataset, arch: str = 'cnn_small', epochs: int = 10, lr: float
     log = get_logger('train')
     if arch not in ARCHS: raise ValueError(f'unknown architecture {arch!r}; choose one of {sorted(ARCHS)}')
     if int(members) < 1: raise ValueError(f'members must be at least 1, not {members}')
+    if (precision or 'auto') not in PRECISIONS: raise ValueError(f'precision must be one of {PRECISIONS}, not {precision!r}')   # before the data is read
     size = size or ds.native_size or ARCHS[arch].size
     size = (size, size) if isinstance(size, int) else tuple(size)
     channels = ds.channels

@@ -31,6 +31,7 @@ def test_bfloat16_training_learns_as_float32_does_and_auto_without_a_budget_is_f
     assert ea > 0.5 and ea > eb - 0.08, (ea, eb)
     t = train(sample_ds, epochs=1, progress=False).biovis['training']      # auto without a budget: float32, untimed (reproducible under any load)
     assert (t['precision'], t['precision_step_s']) == ('fp32', {}) and 'without a time budget' in t['precision_why']
+    with pytest.raises(ValueError, match="precision must be one of \\('auto', 'bf16', 'fp32'\\), not 'fp16'"): train(sample_ds, epochs=1, progress=False, precision='fp16')
 
 
 def test_learns_the_sample(trained):
